@@ -1,0 +1,1 @@
+"""Checkpoint I/O: Hugging Face and Mistral import/export, orbax model directories."""

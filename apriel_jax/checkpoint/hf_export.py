@@ -1,0 +1,85 @@
+"""Write model parameters as a Hugging Face ``LlavaForConditionalGeneration`` checkpoint (or in Mistral's
+consolidated format): sharded safetensors + index + config.json (+ tokenizer files).
+
+Tensors are produced one at a time (one layer of one stacked parameter gathered to the host, converted,
+written, dropped), so host memory stays near one tensor. The output directory appears atomically: a
+failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from apriel_jax.checkpoint.hf_config import to_hf_config
+from apriel_jax.checkpoint.hf_import import param_path
+from apriel_jax.checkpoint.keymap import key_map
+from apriel_jax.checkpoint.safetensors_io import TensorSpec, write_safetensors_checkpoint
+
+# Files that travel with the weights when the source checkpoint had them.
+SIDECAR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "tekken.json",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+    "generation_config.json",
+)
+
+
+def _np_dtype(name: str):
+    return jax.numpy.dtype(name)  # handles "bfloat16" through ml_dtypes
+
+
+def tensor_specs(state: nnx.State, cfg, *, layout: str = "hf4", dtype: str | None = None) -> list[TensorSpec]:
+    """One lazily produced TensorSpec per checkpoint tensor, in name order."""
+    arrays = {}
+    jax.tree_util.tree_map_with_path(lambda p, x: arrays.__setitem__(param_path(p), x), state)
+    specs = []
+    for m in key_map(cfg, layout):
+        array = arrays[m.path]
+        out_dtype = _np_dtype(dtype) if dtype else array.dtype
+        layers = range(array.shape[0]) if m.stacked else [None]
+        for i in layers:
+            part_shape = array.shape[1:] if m.stacked else array.shape
+            shape = jax.eval_shape(m.to_ext, jax.ShapeDtypeStruct(part_shape, np.float32)).shape
+
+            def produce(m=m, array=array, i=i, out_dtype=out_dtype):
+                host = np.asarray(array if i is None else array[i])
+                return np.ascontiguousarray(m.to_ext(host)).astype(out_dtype, copy=False)
+
+            specs.append(TensorSpec(m.name if i is None else m.name.format(i=i), tuple(shape), out_dtype, produce))
+    return sorted(specs, key=lambda s: s.name)
+
+
+def export_hf(state: nnx.State, cfg, out_dir, *, dtype: str | None = None, source_dir=None,
+              max_shard_bytes: int = 5 * 2**30, overwrite: bool = False, layout: str = "hf4") -> Path:
+    """Write an HF checkpoint directory that ``LlavaForConditionalGeneration.from_pretrained`` loads.
+
+    ``dtype`` is the stored dtype (default: the parameters' own). Tokenizer, chat template and
+    processor files are copied from ``source_dir`` when it has them.
+    """
+    leaves = jax.tree.leaves(state)
+    stored = dtype or str(leaves[0].dtype)
+    extra = {"config.json": json.dumps(to_hf_config(cfg, dtype=stored), indent=2)}
+    extra.update(_sidecars(source_dir))
+    write_safetensors_checkpoint(
+        out_dir, tensor_specs(state, cfg, layout=layout, dtype=dtype), max_shard_bytes=max_shard_bytes,
+        extra_files=extra, overwrite=overwrite,
+    )
+    return Path(out_dir)
+
+
+def _sidecars(source_dir) -> dict[str, bytes]:
+    if source_dir is None:
+        return {}
+    source_dir = Path(source_dir)
+    return {name: (source_dir / name).read_bytes() for name in SIDECAR_FILES if (source_dir / name).is_file()}
+
+
+def copy_sidecars(source_dir, out_dir) -> None:
+    for name in SIDECAR_FILES:
+        if (Path(source_dir) / name).is_file():
+            shutil.copy2(Path(source_dir) / name, Path(out_dir) / name)

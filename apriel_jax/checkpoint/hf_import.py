@@ -1,0 +1,114 @@
+"""Stream a checkpoint (HF Llava safetensors or Mistral consolidated) into (sharded) model parameters.
+
+Everything is checked before a byte of weight data is read: every expected tensor present, nothing
+unexpected, every shape and dtype right. Then each parameter is built with
+``jax.make_array_from_callback``: a device asks for its shard, and the callback reads just those
+tensors (memory-mapped) for just that slice. Host memory stays near one tensor, never the model.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from apriel_jax.checkpoint.keymap import TensorMap, detect_layout, expand, key_map
+from apriel_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from apriel_jax.model.factory import abstract_model, state_shardings
+from apriel_jax.parallel.rules import DEFAULT_RULES
+
+# Buffers some exporters save that carry no learned weights.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_FLOAT_KINDS = ("f",)
+
+
+def param_path(keypath) -> str:
+    """'decoder/layers/attn/q/kernel' from a jax key path into an nnx.State (drops the '.value')."""
+    parts = []
+    for key in keypath:
+        name = getattr(key, "key", getattr(key, "name", None))
+        if name != "value":
+            parts.append(str(name))
+    return "/".join(parts)
+
+
+def _expected_tensors(cfg, layout: str):
+    maps = key_map(cfg, layout)
+    layers = {"vision": cfg.vision.num_layers, "decoder": cfg.decoder.num_layers, "projector": 0}
+    return maps, expand(maps, layers)
+
+
+def _layer_shape(abstract_leaf, m: TensorMap) -> tuple[int, ...]:
+    return tuple(abstract_leaf.shape[1:] if m.stacked else abstract_leaf.shape)
+
+
+def check_checkpoint(source: SafetensorsCheckpoint, cfg, layout: str | None = None) -> str:
+    """Validate names, shapes and dtypes against ``cfg``; return the layout. Raises CheckpointError."""
+    names = set(source.keys())
+    layout = layout or detect_layout(names)
+    maps, expected = _expected_tensors(cfg, layout)
+    missing = sorted(set(expected) - names)
+    unexpected = sorted(n for n in names - set(expected) if not n.endswith(_IGNORED_SUFFIXES))
+    if missing or unexpected:
+        lines = [f"checkpoint {source.directory} does not match the model config ({layout} layout):"]
+        if missing:
+            lines.append(f"  {len(missing)} missing tensor(s), e.g. {', '.join(missing[:8])}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:8])}")
+        lines.append(
+            f"  the config says {cfg.decoder.num_layers} decoder / {cfg.vision.num_layers} vision layers, "
+            f"projector bias={cfg.projector.bias}, tied embeddings={cfg.decoder.tie_embeddings}"
+        )
+        raise CheckpointError("\n".join(lines))
+
+    abstract = _abstract_leaves(cfg)
+    for name, (m, _) in expected.items():
+        want = jax.eval_shape(m.to_ext, jax.ShapeDtypeStruct(_layer_shape(abstract[m.path], m), np.float32)).shape
+        got = tuple(source.shape(name))
+        if got != tuple(want):
+            raise CheckpointError(
+                f"tensor {name} in {source.directory} has shape {got}, but the model config expects {tuple(want)} "
+                f"(does config.json match the weights?)"
+            )
+        dtype = np.dtype(source.dtype(name))
+        if dtype.kind not in _FLOAT_KINDS and dtype.name != "bfloat16":
+            raise CheckpointError(f"tensor {name} in {source.directory} has dtype {dtype.name}; weights must be floating point")
+    return layout
+
+
+def _abstract_leaves(cfg) -> dict[str, jax.ShapeDtypeStruct]:
+    out = {}
+    jax.tree_util.tree_map_with_path(
+        lambda p, x: out.__setitem__(param_path(p), x), nnx.state(abstract_model(cfg))
+    )
+    return out
+
+
+def load_state(source: SafetensorsCheckpoint, cfg, *, layout: str | None = None, mesh: Mesh | None = None,
+               rules=DEFAULT_RULES) -> nnx.State:
+    """Parameters of a model with config ``cfg`` read from ``source``, sharded over ``mesh`` if given
+    (otherwise on the default device), stored in ``cfg.param_dtype``."""
+    layout = check_checkpoint(source, cfg, layout)
+    maps = {m.path: m for m in key_map(cfg, layout)}
+    abstract_state = nnx.state(abstract_model(cfg))
+    if mesh is not None:
+        shardings = state_shardings(cfg, mesh, rules)
+    else:
+        device = SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract_state)
+
+    def build(keypath, leaf, sharding):
+        m = maps[param_path(keypath)]
+
+        def read(index):
+            if not m.stacked:
+                return np.asarray(m.to_ours(source.get(m.name))[index], dtype=leaf.dtype)
+            layers = range(leaf.shape[0])[index[0]]
+            return np.stack(
+                [np.asarray(m.to_ours(source.get(m.name.format(i=i)))[index[1:]], dtype=leaf.dtype) for i in layers]
+            )
+
+        return jax.make_array_from_callback(leaf.shape, sharding, read)
+
+    return jax.tree_util.tree_map_with_path(build, abstract_state, shardings)

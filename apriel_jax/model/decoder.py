@@ -1,0 +1,105 @@
+"""Mistral-NeMo style decoder: token embedding, stacked pre-norm layers (GQA attention, SiLU-gated MLP),
+final RMSNorm and an untied LM head."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from apriel_jax.model.attention import SelfAttention
+from apriel_jax.model.layers import GatedMLP, Linear, RMSNorm, logical_param, normal_init
+from apriel_jax.model.rope import text_angles
+from apriel_jax.model.stack import make_stack, scan_stack
+
+
+class KVCache(NamedTuple):
+    """Decoder KV cache. k, v: [layers, B, T, Hkv, D]; segment_ids: [B, T] (0 = empty or padding);
+    index: number of positions already written (scalar int32)."""
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, cfg, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+            jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32),
+        )
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg, *, impl, rngs, param_dtype, dtype):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
+        self.attn = SelfAttention(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, causal=True, impl=impl,
+            sliding_window=cfg.get("sliding_window", 0), **kw
+        )
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, **kw)
+
+    def __call__(self, x, angles, segment_ids, kv_cache=None):
+        attn_out, new_kv = self.attn(self.input_norm(x), angles, segment_ids, kv_cache)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, new_kv
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg, *, impl="xla", remat_policy="none", rngs: nnx.Rngs, param_dtype, dtype):
+        # Plain scalars only: module attributes become static graph metadata, which must be hashable.
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.dtype = dtype
+        self.remat_policy = remat_policy
+        self.embed = logical_param(
+            normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype), ("vocab", "embed")
+        )
+        self.layers = make_stack(
+            lambda r: DecoderLayer(cfg, impl=impl, rngs=r, param_dtype=param_dtype, dtype=dtype),
+            cfg.num_layers,
+            rngs,
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else Linear((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), rngs=rngs,
+                        param_dtype=param_dtype, dtype=dtype)
+        )
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+
+    def __call__(self, x, positions, segment_ids, kv_cache: KVCache | None = None):
+        """Run the layers and the final norm on embeddings x [B, S, E]. Returns (hidden, new cache)."""
+        angles = text_angles(positions, self.head_dim, self.rope_theta)
+        if kv_cache is None:
+            def body(layer, h, _):
+                h, _ = layer(h, angles, segment_ids)
+                return h, None
+
+            x, _ = scan_stack(self.layers, body, x, remat_policy=self.remat_policy)
+            return self.norm(x), None
+
+        cache_segments = jax.lax.dynamic_update_slice(kv_cache.segment_ids, segment_ids, (0, kv_cache.index))
+
+        def body(layer, h, kv):
+            h, new_kv = layer(h, angles, segment_ids, (kv[0], kv[1], cache_segments, kv_cache.index))
+            return h, new_kv
+
+        x, (k, v) = scan_stack(self.layers, body, x, (kv_cache.k, kv_cache.v))
+        new_cache = KVCache(k, v, cache_segments, kv_cache.index + x.shape[1])
+        return self.norm(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Project hidden states to vocabulary logits (fp32). Training uses a chunked loss instead."""
+        if self.lm_head is None:
+            kernel = self.embed[...].astype(self.dtype).T
+            return jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)

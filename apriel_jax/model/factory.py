@@ -1,0 +1,44 @@
+"""Creating models: abstract (no memory), on one device, or directly sharded over a mesh."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from apriel_jax.model.apriel import AprielModel
+from apriel_jax.model.layers import count_params
+from apriel_jax.parallel.rules import DEFAULT_RULES, tree_shardings
+
+
+def abstract_model(cfg) -> AprielModel:
+    """The model with ShapeDtypeStructs instead of arrays: shapes, dtypes, logical axes, no memory."""
+    return nnx.eval_shape(lambda: AprielModel(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_count(cfg) -> int:
+    return count_params(nnx.state(abstract_model(cfg), nnx.Param))
+
+
+def state_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedSharding for every parameter of the model, from its logical axes and the rules table."""
+    abstract_state = nnx.state(abstract_model(cfg))
+    return tree_shardings(nnx.get_partition_spec(abstract_state), abstract_state, mesh, rules)
+
+
+def create_model(cfg, *, seed: int = 0, mesh: Mesh | None = None, rules=DEFAULT_RULES) -> AprielModel:
+    """Randomly initialised model. With a mesh, every parameter is created already sharded (it never
+    exists whole on one device), so models larger than one device's memory can be initialised."""
+    graphdef = nnx.graphdef(abstract_model(cfg))
+
+    def init():
+        return nnx.state(AprielModel(cfg, rngs=nnx.Rngs(seed)))
+
+    shardings = None if mesh is None else state_shardings(cfg, mesh, rules)
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def model_from_state(cfg, state) -> AprielModel:
+    """A model with the given parameter state (e.g. loaded from a checkpoint)."""
+    return nnx.merge(nnx.graphdef(abstract_model(cfg)), state)

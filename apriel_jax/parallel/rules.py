@@ -1,0 +1,82 @@
+"""Logical axis names -> mesh axes, in one table.
+
+Model code names what an axis *is* (``embed``, ``heads``, ...); this table decides where it lives on the
+mesh. Changing a parallelism strategy is editing this table, not the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# (logical name, mesh axis or tuple of mesh axes or None). Mesh axes absent from the mesh are ignored.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("sequence", "sequence"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("patch", None),
+)
+
+
+def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules=DEFAULT_RULES) -> PartitionSpec:
+    """PartitionSpec for a tensor with logical ``axes``; a mesh axis is used at most once per tensor."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in axes:
+        target = table.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = tuple(t for t in targets if t in mesh.shape and mesh.shape[t] > 1 and t not in used)
+        used.update(targets)
+        spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+    return PartitionSpec(*spec)
+
+
+def _mesh_degree(entry, mesh: Mesh) -> int:
+    if entry is None:
+        return 1
+    names = (entry,) if isinstance(entry, str) else entry
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def check_divisible(path: str, shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> None:
+    for dim, (size, entry) in enumerate(zip(shape, spec)):
+        degree = _mesh_degree(entry, mesh)
+        if size % degree:
+            raise ValueError(
+                f"parameter {path}: dimension {dim} of size {size} is sharded over mesh axes {entry} "
+                f"of total size {degree}, which does not divide it; change the mesh or the sharding rules"
+            )
+
+
+def tree_shardings(logical_axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a tree of logical-axes tuples (leaves: PartitionSpec of logical names)."""
+
+    def one(path, axes, shape_struct):
+        spec = logical_to_spec(tuple(axes), mesh, rules)
+        check_divisible(jax.tree_util.keystr(path), shape_struct.shape, spec, mesh)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(
+        one, logical_axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+
+
+def rules_from_config(entries: Iterable[Sequence] | None):
+    """Rules from a config list like [["embed", "fsdp"], ["mlp", ["tensor"]]]; None -> defaults."""
+    if not entries:
+        return DEFAULT_RULES
+    out = []
+    for name, target in entries:
+        out.append((name, tuple(target) if isinstance(target, (list, tuple)) else target))
+    return tuple(out)

@@ -1,0 +1,75 @@
+"""Shared pytest configuration for apriel-jax.
+
+The environment variables below MUST be set before jax is imported anywhere,
+which is why they live at module level here (pytest imports conftest.py before
+collecting any test module).
+
+* ``XLA_FLAGS=--xla_force_host_platform_device_count=8``: emulate an 8-device
+  host so sharding / mesh code can be tested on CPU.  Any other XLA flags that
+  were already set are preserved; an existing device-count flag is replaced.
+* ``JAX_PLATFORMS=cpu``: never probe for GPU/TPU backends during tests.  Set
+  ``APRIEL_TEST_JAX_PLATFORMS`` (e.g. ``cuda``) to run the suite on another
+  backend; the CPU-device-count assertions then skip themselves.
+* libtpu is installed only for explicit TPU ahead-of-time (AOT) compile tests
+  (``jax.experimental.topologies``).  On a CPU host it otherwise tries to query
+  the GCE metadata server and complains about missing worker hostnames.  We
+  set the harmless knobs that silence that (only if the user has not set
+  them); we deliberately do NOT set ``TPU_ACCELERATOR_TYPE`` since AOT tests
+  pick their topology explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+
+NUM_CPU_DEVICES = 8
+
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _configure_environment() -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = re.sub(rf"{_DEVICE_COUNT_FLAG}=\S*", "", flags).strip()
+    flags = f"{flags} {_DEVICE_COUNT_FLAG}={NUM_CPU_DEVICES}".strip()
+    os.environ["XLA_FLAGS"] = flags
+
+    os.environ["JAX_PLATFORMS"] = os.environ.get("APRIEL_TEST_JAX_PLATFORMS", "cpu")
+
+    # libtpu (AOT compile tests only): do not hit the GCE metadata server and
+    # give it a well-formed single-host worker list.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_WORKER_ID", "0")
+
+
+_configure_environment()
+
+# grain (and other absl-based libraries) read absl flags at import/run time and
+# raise UnparsedFlagAccessError when pytest, not absl.app, owns the command
+# line.  Marking the flags as parsed makes them fall back to their defaults.
+from absl import flags as _absl_flags  # noqa: E402
+
+if not _absl_flags.FLAGS.is_parsed():
+    _absl_flags.FLAGS.mark_as_parsed()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also declared in pytest.ini; registering here keeps `--strict-markers`
+    # working when pytest is pointed at a different ini file.
+    config.addinivalue_line("markers", "slow: a slow test (deselect with -m 'not slow')")
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A numpy Generator seeded deterministically from the test's node id.
+
+    Each test gets its own stream (independent of test ordering), and re-runs
+    of the same test see the same numbers.
+    """
+    seed = zlib.crc32(request.node.nodeid.encode("utf-8"))
+    return np.random.default_rng(seed)
