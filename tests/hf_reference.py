@@ -29,6 +29,7 @@ Token-id conventions (those of Mistral's tekken tokenizer used by Pixtral):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -36,9 +37,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from safetensors.torch import save_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, PixtralVisionConfig
+from transformers.utils import logging as hf_logging
 
 __all__ = [
     "BOS_ID",
@@ -53,6 +54,7 @@ __all__ = [
     "make_hf_config",
     "make_hf_model",
     "save_hf_model",
+    "load_hf_model",
     "image_token_layout",
     "make_inputs",
     "position_ids_from_mask",
@@ -267,7 +269,7 @@ def _randomise_(model: torch.nn.Module, generator: torch.Generator) -> None:
             if name.endswith("bias"):
                 new = _BIAS_STD * torch.randn(shape, generator=generator)
             elif param.ndim == 1:
-                if "norm" not in name:
+                if "norm" not in name and "ln_pre" not in name:
                     raise AssertionError(f"unexpected 1-D parameter {name}")
                 new = 1.0 + _NORM_STD * torch.randn(shape, generator=generator)
             elif "embed_tokens" in name:
@@ -313,11 +315,15 @@ def save_hf_model(model: LlavaForConditionalGeneration, out_dir: str | os.PathLi
     ``max_shard_size`` (e.g. ``"200KB"``) forces a sharded checkpoint
     (``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``);
     ``None`` keeps transformers' default (a single ``model.safetensors`` for
-    these tiny models).  transformers 5.x always writes safetensors (its
-    ``save_pretrained`` no longer has ``safe_serialization``); the argument is
-    passed only where the installed version still accepts it.  The on-disk
-    key layout is what ``save_pretrained`` produces by default (in 5.x the
-    legacy 4.x names such as ``language_model.model.layers.*``).
+    these tiny models).  Also writes ``config.json`` and
+    ``generation_config.json``.  transformers 5.x always writes safetensors
+    (its ``save_pretrained`` has no ``safe_serialization`` any more); the
+    argument is passed only where the installed version still accepts it.
+    On-disk names are those ``save_pretrained`` writes by default -- in 5.x
+    the legacy 4.x layout (``language_model.model.layers.*``,
+    ``language_model.lm_head.weight``, ``vision_tower.*``,
+    ``multi_modal_projector.*``).  Nothing is printed (transformers' progress
+    bar is switched off for the call).
     """
     out_dir = os.fspath(out_dir)
     kwargs: dict[str, Any] = {}
@@ -325,8 +331,36 @@ def save_hf_model(model: LlavaForConditionalGeneration, out_dir: str | os.PathLi
         kwargs["safe_serialization"] = True
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
-    model.save_pretrained(out_dir, **kwargs)
+    with _quiet():
+        model.save_pretrained(out_dir, **kwargs)
     return out_dir
+
+
+def load_hf_model(path: str | os.PathLike) -> LlavaForConditionalGeneration:
+    """``from_pretrained(path)`` as a reference model: float32, eager attention, eval mode.
+
+    (A plain ``from_pretrained`` picks sdpa, which differs from eager only at
+    padded positions, but eager is the reference.)
+    """
+    with _quiet():
+        model = LlavaForConditionalGeneration.from_pretrained(
+            os.fspath(path), attn_implementation="eager", dtype=torch.float32
+        )
+    model.eval()
+    _force_eager(model.config)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Temporarily disable transformers' tqdm progress bars."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------------------
@@ -474,28 +508,36 @@ def hf_logits(model: LlavaForConditionalGeneration, inputs: dict) -> np.ndarray:
     return out.logits.detach().to(torch.float32).cpu().numpy()
 
 
-def hf_greedy(model: LlavaForConditionalGeneration, inputs: dict, max_new_tokens: int = 32) -> np.ndarray:
+def hf_greedy(model: LlavaForConditionalGeneration, inputs: dict, max_new_tokens: int = 32, *, suppress_eos: bool = False) -> np.ndarray:
     """Greedy continuation: new token ids ``[B, max_new_tokens]`` (int64 numpy).
 
-    Uses ``model.generate(do_sample=False, max_new_tokens=n,
-    min_new_tokens=n, pad_token_id=PAD_ID)`` with the KV cache, so exactly
-    ``n`` tokens are produced for every row.  NOTE: ``min_new_tokens`` makes
-    transformers mask the EOS logit (id ``config.text_config.eos_token_id``,
-    2) to ``-inf`` for all ``n`` steps, so the result is the argmax over the
-    vocabulary *without EOS*; a JAX greedy loop must suppress EOS the same
-    way to match.  generate derives positions from the attention mask
-    (``cumsum - 1``, pads at 0), matching :func:`hf_logits`.
+    Calls ``model.generate(do_sample=False, max_new_tokens=n,
+    min_new_tokens=n, pad_token_id=PAD_ID)`` (KV-cached decoding, pixel inputs
+    used in the prefill only), so exactly ``n`` tokens come back for every row
+    and EOS never stops a row.  generate derives positions from the attention
+    mask (``cumsum - 1``, pads at 0), the same as :func:`hf_logits`.
+
+    EOS handling: in transformers ``min_new_tokens`` works by setting the EOS
+    logit to ``-inf`` until ``n`` tokens exist, which would make the result
+    "argmax excluding EOS".  By default (``suppress_eos=False``) this function
+    also passes ``eos_token_id=None``, which disables both stopping and that
+    masking, so every token is the plain argmax over the full vocabulary (EOS,
+    id 2, may appear and decoding simply continues) -- what a fixed-length
+    greedy loop computes.  ``suppress_eos=True`` keeps the model's EOS so
+    transformers masks it (never emitted).
     """
     t = _torch_inputs(inputs)
     prompt_len = t["input_ids"].shape[1]
+    extra: dict[str, Any] = {} if suppress_eos else {"eos_token_id": None}
     with torch.no_grad():
         out = model.generate(
             **t,
             do_sample=False,
+            num_beams=1,
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
             pad_token_id=PAD_ID,
-            num_beams=1,
+            **extra,
         )
     new = out[:, prompt_len:].cpu().numpy().astype(np.int64)
     if new.shape != (t["input_ids"].shape[0], max_new_tokens):
@@ -660,5 +702,3 @@ def write_mistral_consolidated(hf_model: LlavaForConditionalGeneration, out_dir:
         f.write("\n")
     return out_dir
 
-
-_ = transformers  # imported for version introspection by callers (hf_reference.transformers.__version__)

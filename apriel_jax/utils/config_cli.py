@@ -276,11 +276,14 @@ def _unknown_key(cfg: ml_collections.ConfigDict, key: str, override: str) -> Unk
     if not close:
         # Fall back to comparing only the last component (a misplaced leaf).
         leaf = key.rsplit(".", 1)[-1]
-        scored = [
-            (difflib.SequenceMatcher(None, leaf, k.rsplit(".", 1)[-1]).ratio(), k)
-            for k in all_keys
-        ]
-        close = [k for r, k in sorted(scored, key=lambda t: -t[0]) if r >= 0.75][:5]
+        scored = []
+        for k in all_keys:
+            k_leaf = k.rsplit(".", 1)[-1]
+            score = difflib.SequenceMatcher(None, leaf, k_leaf).ratio()
+            if len(leaf) >= 3 and leaf in k_leaf:
+                score = max(score, 0.9)
+            scored.append((score, k))
+        close = [k for r, k in sorted(scored, key=lambda t: -t[0]) if r >= 0.7][:5]
     msg = f"Unknown config key {key!r} (from override {override!r})."
     if close:
         msg += " Did you mean: " + ", ".join(close) + "?"

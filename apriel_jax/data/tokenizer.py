@@ -1,0 +1,266 @@
+"""Tokenizers behind one small interface: HF ``tokenizer.json`` and Mistral ``tekken.json``.
+
+Everything downstream (prompt building, generation, the data pipeline) asks a :class:`Tokenizer` for
+ids by token *string* (``[IMG]``, ``</s>``, ...). No id is hard-coded: Pixtral's tekken, an HF export
+of it and the tiny tokenizer trained here happen to agree, other checkpoints need not.
+
+``encode`` treats its input as plain text in both implementations: a user prompt that contains the
+characters ``[IMG]`` stays text and can never smuggle in a control token. Special tokens are placed
+by code (see ``apriel_jax/data/prompt.py``), never parsed out of text.
+
+Chat formats and SentencePiece models are meant to be added as further subclasses / helpers; the
+base class keeps to what every implementation can answer.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+__all__ = [
+    "HFTokenizer",
+    "PIXTRAL_SPECIAL_TOKENS",
+    "TekkenTokenizer",
+    "Tokenizer",
+    "UnknownSpecialTokenError",
+    "load_tokenizer",
+    "train_tiny_tokenizer",
+]
+
+# Pixtral's control tokens in id order (tekken_240911): a tokenizer trained with these first gets
+# exactly Pixtral's ids, so tiny test models exercise the same ids as the real ones.
+PIXTRAL_SPECIAL_TOKENS = (
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+)
+# Reserved slots up to id 19, spelled with tekken's filler template.
+_FILLER_TEMPLATE = "<SPECIAL_{id}>"
+_NUM_TINY_SPECIAL = 20
+
+HF_FILE = "tokenizer.json"
+TEKKEN_FILE = "tekken.json"
+
+
+class UnknownSpecialTokenError(KeyError):
+    """A special token string the tokenizer does not have. Also a KeyError, as for dict lookups."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message, quotes and all.
+        return str(self.args[0]) if self.args else ""
+
+
+class Tokenizer(abc.ABC):
+    """What the rest of the project needs from a tokenizer.
+
+    Subclasses implement ``encode``, ``decode``, ``vocab_size`` and ``special_tokens``; ids of
+    named tokens (``bos_id``, ``image_id``, ...) are derived from ``special_tokens`` by string.
+    """
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text`` as plain text: no BOS/EOS added, no special tokens recognised in it."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens=False``."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+
+    @abc.abstractmethod
+    def special_tokens(self) -> dict[str, int]:
+        """All special (control) token strings and their ids."""
+
+    def special_id(self, name: str) -> int:
+        """Id of the special token spelled ``name`` (e.g. ``"[IMG]"``); KeyError if there is none."""
+        table = self.special_tokens()
+        if name in table:
+            return table[name]
+        raise UnknownSpecialTokenError(
+            f"{type(self).__name__} has no special token {name!r}; it has {_describe(table)}"
+        )
+
+    # The tokens the model and the prompt builder rely on, by their Pixtral spelling.
+    @property
+    def bos_id(self) -> int:
+        return self.special_id("<s>")
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_id("</s>")
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_id("<pad>")
+
+    @property
+    def image_id(self) -> int:
+        return self.special_id("[IMG]")
+
+    @property
+    def image_break_id(self) -> int:
+        return self.special_id("[IMG_BREAK]")
+
+    @property
+    def image_end_id(self) -> int:
+        return self.special_id("[IMG_END]")
+
+
+def _describe(table: dict[str, int]) -> str:
+    """Readable list of special tokens; tekken's hundreds of numbered fillers are summarised."""
+    named = [f"{s}={i}" for s, i in sorted(table.items(), key=lambda kv: kv[1]) if not _is_filler(s)]
+    fillers = sum(1 for s in table if _is_filler(s))
+    text = ", ".join(named) if named else "none"
+    if fillers:
+        text += f" (+{fillers} filler tokens like {_FILLER_TEMPLATE.format(id='N')})"
+    return text
+
+
+def _is_filler(token: str) -> bool:
+    return token.startswith("<SPECIAL_") and token.endswith(">")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` ``tokenizer.json`` (e.g. mistral-community/pixtral-12b)."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        self.path = Path(path)
+        self._tok = _HFTokenizer.from_file(str(self.path))
+        # Not stored in tokenizer.json, so set on every load: split "[IMG]" typed in text like any
+        # other characters instead of turning it into the control token (tekken does the same).
+        self._tok.encode_special_tokens = True
+        self._special = {
+            tok.content: int(i) for i, tok in self._tok.get_added_tokens_decoder().items() if tok.special
+        }
+
+    def encode(self, text: str) -> list[int]:
+        # add_special_tokens=False: Pixtral's tokenizer.json has a post-processor that prepends <s>.
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    def special_id(self, name: str) -> int:
+        # Fast path: avoids copying the table for the frequent bos/eos/image lookups.
+        if name in self._special:
+            return self._special[name]
+        return super().special_id(name)
+
+
+class TekkenTokenizer(Tokenizer):
+    """Mistral's tiktoken-based ``tekken.json`` via mistral-common (Pixtral-12B-2409's own format)."""
+
+    def __init__(self, path):
+        from mistral_common.tokens.tokenizers.tekken import SpecialTokenPolicy, Tekkenizer
+
+        self.path = Path(path)
+        self._tok = Tekkenizer.from_file(self.path)
+        self._policy = SpecialTokenPolicy
+        self._special: dict[str, int] | None = None  # built on first full listing (1000 entries)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, bos=False, eos=False))
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        policy = self._policy.IGNORE if skip_special_tokens else self._policy.KEEP
+        return self._tok.decode([int(i) for i in ids], special_token_policy=policy)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.n_words)
+
+    def special_tokens(self) -> dict[str, int]:
+        if self._special is None:
+            # Special ids are exactly 0 .. num_special_tokens-1 in tekken; their strings come from
+            # the public id_to_piece (one short decode each, done once).
+            self._special = {self._tok.id_to_piece(i): i for i in range(self._tok.num_special_tokens)}
+        return dict(self._special)
+
+    def special_id(self, name: str) -> int:
+        try:
+            return int(self._tok.get_special_token(name))
+        except ValueError:
+            return super().special_id(name)  # raises with the listing
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer at ``path``: a ``tokenizer.json`` / ``tekken*.json`` file, or a directory holding one.
+
+    A directory with both files gives the HF one (it is what an HF checkpoint directory is read with).
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name, cls in ((HF_FILE, HFTokenizer), (TEKKEN_FILE, TekkenTokenizer)):
+            if (path / name).is_file():
+                return cls(path / name)
+        raise FileNotFoundError(f"{path}: no tokenizer found (looked for {HF_FILE} and {TEKKEN_FILE})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+    if path.name.startswith("tekken"):
+        return TekkenTokenizer(path)
+    return HFTokenizer(path)
+
+
+def train_tiny_tokenizer(texts: Sequence[str], vocab_size: int, out_path) -> HFTokenizer:
+    """Train a byte-level BPE on ``texts`` and save it as an HF ``tokenizer.json`` at ``out_path``.
+
+    Ids 0-19 are Pixtral's special tokens in Pixtral's order (``<unk>``, ``<s>``, ``</s>``, ...,
+    ``[IMG]``=10, ``<pad>``=11, ``[IMG_BREAK]``=12, ``[IMG_END]``=13, fillers up to 19), then the 256
+    byte symbols, then merges. A short corpus runs out of merges before ``vocab_size``; the remaining
+    ids become plain ``<unused_N>`` tokens so the tokenizer covers every row of a model's embedding
+    table (a random model's output then decodes to something visible instead of silently nothing).
+
+    ``out_path`` may be a directory, in which case ``tokenizer.json`` is written inside it.
+    """
+    from tokenizers import AddedToken, Tokenizer as _HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = list(PIXTRAL_SPECIAL_TOKENS) + [
+        _FILLER_TEMPLATE.format(id=i) for i in range(len(PIXTRAL_SPECIAL_TOKENS), _NUM_TINY_SPECIAL)
+    ]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    minimum = len(specials) + len(alphabet)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size={vocab_size} is too small: {len(specials)} special tokens and "
+                         f"{len(alphabet)} byte symbols need at least {minimum}")
+
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(list(texts), trainer)
+    learned = tok.get_vocab_size(with_added_tokens=True)
+    if learned < vocab_size:
+        tok.add_tokens([AddedToken(f"<unused_{i}>", special=False, normalized=False)
+                        for i in range(learned, vocab_size)])
+
+    # The trainer is documented to put special tokens first, in order; verify rather than trust.
+    got = [tok.token_to_id(s) for s in specials]
+    if got != list(range(len(specials))):
+        raise RuntimeError(f"trained tokenizer has special ids {got}, expected 0..{len(specials) - 1}")
+
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        out_path = out_path / HF_FILE
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_path))
+    return HFTokenizer(out_path)
+
+
+def tokenizer_summary(tokenizer: Tokenizer) -> str:
+    """One line naming the tokenizer and its image/control ids (for logs and the demo)."""
+    ids = {name: tokenizer.special_id(name) for name in ("<s>", "</s>", "<pad>", "[IMG]", "[IMG_BREAK]", "[IMG_END]")}
+    return f"{type(tokenizer).__name__}(vocab={tokenizer.vocab_size}, " + json.dumps(ids)[1:-1] + ")"
