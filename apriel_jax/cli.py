@@ -1,0 +1,311 @@
+"""The ``apriel-jax`` command line: ``demo``, ``convert``, ``generate``.
+
+Heavy imports (jax, flax, transformers) happen inside the subcommand handlers, so ``--help`` is fast
+and a typo in the arguments is reported before anything is loaded.
+
+Exit codes: 0 success; 2 usage errors and bad inputs (unreadable or mismatched checkpoints, missing
+files, existing outputs, bad config overrides), reported as one line on stderr (``--debug`` shows the
+traceback); anything else is a bug and propagates with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """An argument value the command cannot use (reported like an argparse error, exit code 2)."""
+
+_DEMO_EPILOG = """\
+config:
+  Without --config the embedded default (apriel_jax.demo.default_config, the same as
+  configs/quickstart.py) is used. Any field can be overridden, with the value parsed as the field's
+  type, e.g.
+    apriel-jax demo --config.out_dir=/tmp/qs --config.seed=3 --config.max_new_tokens=8
+    apriel-jax demo --config.image_sizes="[(64, 32)]" --config.mesh.fsdp=2 --config.check_transformers=false
+  Fields: model, seed, out_dir, image_sizes, prompt, max_new_tokens, mesh.{data,fsdp,tensor,sequence},
+  check_transformers, transformers_rtol.
+
+Every step checks its result; a failed check stops the run with an error (exit code 1).
+"""
+
+_CONVERT_EPILOG = """\
+checkpoint formats:
+  hf       config.json + model*.safetensors (LlavaForConditionalGeneration)
+  orbax    apriel_config.json + params/ (apriel-jax's own)
+  mistral  params.json + consolidated.safetensors (e.g. Pixtral-12B-2409)
+Tokenizer, chat template and processor files next to the weights are carried along.
+"""
+
+_GENERATE_EPILOG = """\
+The prompt is <s>, then each --image in order (Pixtral's [IMG]/[IMG_BREAK]/[IMG_END] layout), then
+the --prompt text. No chat template is applied yet, so instruction-tuned checkpoints see raw text.
+Generation stops at </s> or after --max-new-tokens tokens.
+"""
+
+
+def _size_in_bytes(text: str) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500 * 2**20, '1000' -> 1000 (decimal units as in transformers)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 5GB, 500MB, 2GiB or a byte count")
+    unit = (m.group(2) or "b").lower()
+    scale = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}[unit]
+    size = int(float(m.group(1)) * scale)
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be at least one byte")
+    return size
+
+
+def _dtype_name(text: str) -> str:
+    allowed = ("float32", "bfloat16", "float16")
+    if text not in allowed:
+        raise argparse.ArgumentTypeError(f"unsupported dtype {text!r}; choose one of {', '.join(allowed)}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="apriel-jax", formatter_class=fmt,
+        description="Apriel-1.5 / Pixtral in JAX: demo run, checkpoint conversion, generation.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    # Subcommands accept --debug too; SUPPRESS keeps their unset default from hiding the top-level one.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show full tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo", parents=[debug], formatter_class=fmt, epilog=_DEMO_EPILOG,
+        help="tiny end-to-end run: tokenizer, sharded model, export/import, parity, generation",
+        description="Train a tiny tokenizer, create the tiny model sharded over all devices, run a prompt\n"
+                    "with two images, export to HF format and back, compare with transformers, generate.",
+    )
+    demo.add_argument("--config", metavar="PATH",
+                      help="config file defining get_config() (PATH or PATH:ARG); default: embedded quickstart")
+    demo.set_defaults(handler=_run_demo)
+
+    convert = commands.add_parser(
+        "convert", formatter_class=fmt, epilog=_CONVERT_EPILOG,
+        help="convert checkpoints between HF, orbax and Mistral formats",
+        description="Convert a checkpoint directory SRC into a new directory DST.",
+    )
+    kinds = convert.add_subparsers(dest="conversion", metavar="CONVERSION", required=True)
+
+    def conversion(name, help_text):
+        sub = kinds.add_parser(name, parents=[debug], formatter_class=fmt, epilog=_CONVERT_EPILOG,
+                               help=help_text, description=help_text)
+        sub.add_argument("src", metavar="SRC", help="source checkpoint directory")
+        sub.add_argument("dst", metavar="DST", help="output directory (must not exist or be empty)")
+        sub.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        sub.set_defaults(handler=_run_convert)
+        return sub
+
+    def shard_option(sub):
+        sub.add_argument("--max-shard-size", type=_size_in_bytes, default=_size_in_bytes("5GB"), metavar="SIZE",
+                         help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
+
+    sub = conversion("hf-to-orbax", "HF safetensors (or Mistral) -> apriel-jax orbax checkpoint")
+    sub.add_argument("--param-dtype", type=_dtype_name, metavar="DTYPE",
+                     help="dtype to store parameters in (default: the checkpoint's)")
+    sub = conversion("orbax-to-hf", "apriel-jax orbax checkpoint -> HF LlavaForConditionalGeneration")
+    sub.add_argument("--dtype", type=_dtype_name, metavar="DTYPE", help="dtype of the written tensors "
+                     "(default: the parameters')")
+    shard_option(sub)
+    sub = conversion("mistral-to-hf", "Mistral consolidated (params.json) -> HF LlavaForConditionalGeneration")
+    sub.add_argument("--dtype", type=_dtype_name, metavar="DTYPE", help="dtype of the written tensors "
+                     "(default: the checkpoint's)")
+    shard_option(sub)
+    sub = conversion("hf-to-mistral", "HF LlavaForConditionalGeneration -> Mistral consolidated (params.json)")
+    sub.add_argument("--dtype", type=_dtype_name, metavar="DTYPE", help="dtype of the written tensors "
+                     "(default: the checkpoint's)")
+
+    gen = commands.add_parser(
+        "generate", parents=[debug], formatter_class=fmt, epilog=_GENERATE_EPILOG,
+        help="generate text from a checkpoint, a prompt and optional images",
+        description="Load a checkpoint (HF, Mistral or orbax directory) and its tokenizer (tokenizer.json\n"
+                    "or tekken.json in the same directory) and continue a prompt.",
+    )
+    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image file to put before the text (repeat for several, kept in order)")
+    gen.add_argument("--prompt", required=True, metavar="TEXT", help="prompt text, after the images")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass, 1 = off (default)")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the k most likely tokens, 0 = off (default)")
+    gen.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
+    gen.add_argument("--longest-edge", type=int, default=1024, metavar="PIXELS",
+                     help="resize images so their longest side is at most this (default: 1024; capped at "
+                          "the model's vision image_size)")
+    gen.add_argument("--dtype", type=_dtype_name, metavar="DTYPE",
+                     help="compute and parameter dtype (default: the checkpoint's)")
+    gen.set_defaults(handler=_run_generate)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_demo(args, overrides: list[str]) -> int:
+    from apriel_jax.demo import default_config, run_demo
+    from apriel_jax.utils.config_cli import apply_overrides, load_config_file
+
+    cfg = load_config_file(args.config) if args.config else default_config()
+    apply_overrides(cfg, overrides)
+    run_demo(cfg)
+    return 0
+
+
+def _dir_summary(path: Path) -> str:
+    files = [f for f in Path(path).rglob("*") if f.is_file()]
+    return f"{len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
+
+
+def _run_convert(args, overrides: list[str]) -> int:
+    from apriel_jax.checkpoint import pretrained
+
+    start = time.perf_counter()
+    kind = args.conversion
+    if kind == "hf-to-orbax":
+        out = pretrained.hf_to_orbax(args.src, args.dst, param_dtype=args.param_dtype, overwrite=args.overwrite)
+    elif kind == "orbax-to-hf":
+        out = pretrained.orbax_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                                     max_shard_bytes=args.max_shard_size)
+    elif kind == "mistral-to-hf":
+        out = pretrained.mistral_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                                       max_shard_bytes=args.max_shard_size)
+    else:
+        out = pretrained.hf_to_mistral(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"{kind}: wrote {out} ({_dir_summary(out)}) in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def _run_generate(args, overrides: list[str]) -> int:
+    import jax
+    import numpy as np
+
+    from apriel_jax.checkpoint.hf_config import ConfigError
+    from apriel_jax.checkpoint.pretrained import from_pretrained
+    from apriel_jax.data.images import ImageConfig, load_image
+    from apriel_jax.data.prompt import encode_prompt, prompt_batch
+    from apriel_jax.data.tokenizer import load_tokenizer
+    from apriel_jax.model.generate import SamplingConfig, generate
+
+    # Cheap checks first: bad settings, a missing tokenizer or image should not cost a model load.
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+    try:
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    tokenizer = load_tokenizer(args.checkpoint)
+    images = [load_image(path) for path in args.image]
+
+    start = time.perf_counter()
+    model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
+    cfg = model.config
+    if tokenizer.image_id != cfg.image_token_id:
+        raise ConfigError(f"tokenizer's [IMG] id {tokenizer.image_id} differs from the model's image_token_id "
+                          f"{cfg.image_token_id}: the tokenizer does not belong to this checkpoint")
+    image_cfg = ImageConfig(longest_edge=min(args.longest_edge, cfg.vision.image_size),
+                            patch_size=cfg.vision.patch_size)
+    ids, encoded = encode_prompt([*images, args.prompt], tokenizer, image_cfg)
+    if max(ids) >= cfg.decoder.vocab_size:
+        raise ConfigError(f"the prompt has token id {max(ids)}, outside the model's vocabulary "
+                          f"({cfg.decoder.vocab_size}): the tokenizer does not belong to this checkpoint")
+    batch = prompt_batch([(ids, encoded)], pad_id=tokenizer.pad_id, image_id=tokenizer.image_id)
+    loaded = time.perf_counter() - start
+
+    sampling = dataclasses.replace(sampling, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+    start = time.perf_counter()
+    new, _ = generate(model, batch, sampling, rng=jax.random.key(args.seed))
+    new = np.asarray(new)[0].tolist()
+    if tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    text = tokenizer.decode(new)
+    print(text)
+    print(f"[{len(ids)} prompt tokens ({len(images)} image(s)), {len(new)} new tokens; load {loaded:.1f}s, "
+          f"generate {time.perf_counter() - start:.1f}s]", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's inputs rather than by a bug: one line, exit code 2."""
+    from apriel_jax.checkpoint.hf_config import ConfigError
+    from apriel_jax.checkpoint.safetensors_io import CheckpointError
+    from apriel_jax.data.images import ImageError
+    from apriel_jax.data.tokenizer import UnknownSpecialTokenError
+    from apriel_jax.utils.config_cli import ConfigOverrideError, UnknownConfigKeyError
+
+    return (UsageError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ImageError,
+            ConfigOverrideError, UnknownConfigKeyError, UnknownSpecialTokenError)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _mark_absl_flags_parsed() -> None:
+    # grain reads absl flags and raises UnparsedFlagAccessError unless absl.app parsed the command
+    # line; we parse our own, so let absl fall back to its defaults.
+    try:
+        from absl import flags
+    except ImportError:
+        return
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _split_demo_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull ``--config.x.y=V`` overrides out of a ``demo`` command line (only there: a generate
+    prompt that happens to look like ``config.a=b`` must stay a prompt)."""
+    from apriel_jax.utils.config_cli import split_overrides
+
+    command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command_at is None or argv[command_at] != "demo":
+        return [], argv
+    overrides, rest = split_overrides(argv[command_at + 1:])
+    return overrides, argv[: command_at + 1] + rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (``--help`` and argparse errors raise SystemExit)."""
+    _mark_absl_flags_parsed()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        overrides, argv = _split_demo_overrides(argv)
+    except ValueError as e:
+        parser.error(str(e))
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args, overrides)
+    except _expected_errors() as e:
+        if args.debug:
+            raise
+        print(f"apriel-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
