@@ -222,7 +222,8 @@ def train_tiny_tokenizer(texts: Sequence[str], vocab_size: int, out_path) -> HFT
     ids become plain ``<unused_N>`` tokens so the tokenizer covers every row of a model's embedding
     table (a random model's output then decodes to something visible instead of silently nothing).
 
-    ``out_path`` may be a directory, in which case ``tokenizer.json`` is written inside it.
+    ``out_path`` is the ``.json`` file to write, or a directory (created if needed) to write
+    ``tokenizer.json`` into.
     """
     from tokenizers import AddedToken, Tokenizer as _HFTokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -253,7 +254,7 @@ def train_tiny_tokenizer(texts: Sequence[str], vocab_size: int, out_path) -> HFT
         raise RuntimeError(f"trained tokenizer has special ids {got}, expected 0..{len(specials) - 1}")
 
     out_path = Path(out_path)
-    if out_path.is_dir():
+    if out_path.is_dir() or out_path.suffix != ".json":
         out_path = out_path / HF_FILE
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_path))
