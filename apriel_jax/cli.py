@@ -31,7 +31,7 @@ config:
     apriel-jax demo --config.out_dir=/tmp/qs --config.seed=3 --config.max_new_tokens=8
     apriel-jax demo --config.image_sizes="[(64, 32)]" --config.mesh.fsdp=2 --config.check_transformers=false
   Fields: model, seed, out_dir, image_sizes, prompt, max_new_tokens, mesh.{data,fsdp,tensor,sequence},
-  check_transformers, transformers_rtol.
+  check_transformers, transformers_rtol, matmul_precision.
 
 Every step checks its result; a failed check stops the run with an error (exit code 1).
 """
@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
     gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass, 1 = off (default)")
-    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the k most likely tokens, 0 = off (default)")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K",
+                     help="keep the k most likely tokens, 0 = off (default)")
     gen.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
     gen.add_argument("--longest-edge", type=int, default=1024, metavar="PIXELS",
                      help="resize images so their longest side is at most this (default: 1024; capped at "
@@ -179,6 +180,9 @@ def _run_convert(args, overrides: list[str]) -> int:
 
     start = time.perf_counter()
     kind = args.conversion
+    if not args.overwrite and Path(args.dst).exists() and any(Path(args.dst).iterdir()):
+        # Checked here as well so the message names the CLI flag, and before any loading work.
+        raise FileExistsError(f"{args.dst} exists and is not empty (pass --overwrite to replace it)")
     if kind == "hf-to-orbax":
         out = pretrained.hf_to_orbax(args.src, args.dst, param_dtype=args.param_dtype, overwrite=args.overwrite)
     elif kind == "orbax-to-hf":
@@ -198,13 +202,14 @@ def _run_generate(args, overrides: list[str]) -> int:
     import numpy as np
 
     from apriel_jax.checkpoint.hf_config import ConfigError
-    from apriel_jax.checkpoint.pretrained import from_pretrained
+    from apriel_jax.checkpoint.pretrained import detect_format, from_pretrained
     from apriel_jax.data.images import ImageConfig, load_image
     from apriel_jax.data.prompt import encode_prompt, prompt_batch
     from apriel_jax.data.tokenizer import load_tokenizer
     from apriel_jax.model.generate import SamplingConfig, generate
 
     # Cheap checks first: bad settings, a missing tokenizer or image should not cost a model load.
+    detect_format(args.checkpoint)  # raises for a missing directory or one that holds no checkpoint
     if args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
     try:
@@ -256,8 +261,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from apriel_jax.data.tokenizer import UnknownSpecialTokenError
     from apriel_jax.utils.config_cli import ConfigOverrideError, UnknownConfigKeyError
 
-    return (UsageError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ImageError,
-            ConfigOverrideError, UnknownConfigKeyError, UnknownSpecialTokenError)
+    return (UsageError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            ImageError, ConfigOverrideError, UnknownConfigKeyError, UnknownSpecialTokenError)
 
 
 def _one_line(error: BaseException) -> str:

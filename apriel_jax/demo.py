@@ -57,6 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
             mesh=dict(data=1, fsdp=-1, tensor=1, sequence=1),  # -1: all remaining devices
             check_transformers=True,  # compare with LlavaForConditionalGeneration when importable
             transformers_rtol=1e-4,  # max |ours - hf| / max |hf| accepted in that comparison
+            # Full-precision fp32 matmuls: GPUs may otherwise use TF32, which the parity check would catch.
+            matmul_precision="highest",
         )
     )
 
@@ -89,11 +91,11 @@ class _Steps:
 
     def table(self) -> str:
         width = max([len(n) for n, _, _ in self.rows] + [4])
-        lines = [f"{'step':<{width}}  {'time':>7}  result", f"{'-' * width}  {'-' * 7}  {'-' * 50}"]
+        lines = [f"{'step':<{width}}  {'time':>8}  result", f"{'-' * width}  {'-' * 8}  {'-' * 50}"]
         for name, text, seconds in self.rows:
-            lines.append(f"{name:<{width}}  {seconds:>6.2f}s  {text}")
+            lines.append(f"{name:<{width}}  {seconds:>7.3f}s  {text}")
         total = sum(s for _, _, s in self.rows)
-        lines.append(f"{'total':<{width}}  {total:>6.2f}s")
+        lines.append(f"{'total':<{width}}  {total:>7.3f}s")
         return "\n".join(lines)
 
 
@@ -125,7 +127,9 @@ def forward_logits(model, batch: dict) -> np.ndarray:
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    inputs = {k: v for k, v in batch.items() if not (k.startswith("patch") and batch["patches"].shape[1] == 0)}
+    inputs = dict(batch)
+    if inputs.get("patches") is not None and inputs["patches"].shape[1] == 0:  # text only: no vision pass
+        inputs = {k: v for k, v in inputs.items() if not k.startswith("patch")}
     return np.asarray(_jitted_forward()(graphdef, state, inputs))
 
 
@@ -139,17 +143,16 @@ def _random_images(sizes, seed: int):
 def _hf_style_inputs(ids: list[int], pixels: list[np.ndarray]) -> dict[str, np.ndarray]:
     """What a transformers Pixtral processor would return for one prompt: images CHW, zero-padded
     bottom/right to the largest one, with their true sizes."""
+    inputs = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    if not pixels:
+        return inputs
     h_max = max(p.shape[0] for p in pixels)
     w_max = max(p.shape[1] for p in pixels)
     pixel_values = np.zeros((len(pixels), 3, h_max, w_max), np.float32)
     for i, p in enumerate(pixels):
         pixel_values[i, :, : p.shape[0], : p.shape[1]] = p.transpose(2, 0, 1)
-    return {
-        "input_ids": np.asarray([ids], np.int64),
-        "attention_mask": np.ones((1, len(ids)), np.int64),
-        "pixel_values": pixel_values,
-        "image_sizes": np.asarray([p.shape[:2] for p in pixels], np.int64),
-    }
+    return {**inputs, "pixel_values": pixel_values,
+            "image_sizes": np.asarray([p.shape[:2] for p in pixels], np.int64)}
 
 
 @contextlib.contextmanager
@@ -174,8 +177,9 @@ def _same_tensors(dir_a: Path, dir_b: Path) -> int:
     a, b = SafetensorsCheckpoint(dir_a), SafetensorsCheckpoint(dir_b)
     try:
         names_a, names_b = sorted(a.keys()), sorted(b.keys())
-        _check(names_a == names_b, f"tensor names differ: only in {dir_a.name}: "
-               f"{sorted(set(names_a) - set(names_b))[:5]}, only in {dir_b.name}: {sorted(set(names_b) - set(names_a))[:5]}")
+        only_a, only_b = sorted(set(names_a) - set(names_b)), sorted(set(names_b) - set(names_a))
+        _check(not only_a and not only_b,
+               f"tensor names differ: only in {dir_a.name}: {only_a[:5]}, only in {dir_b.name}: {only_b[:5]}")
         for name in names_a:
             x, y = a.get(name), b.get(name)
             _check(x.dtype == y.dtype and x.shape == y.shape,
@@ -194,7 +198,14 @@ def _same_tensors(dir_a: Path, dir_b: Path) -> int:
 
 def run_demo(cfg: ml_collections.ConfigDict | None = None, log: Callable[[str], None] = print) -> dict:
     """Run every step, print the summary table, return the results. Raises on any failed check."""
+    import jax
+
     cfg = default_config() if cfg is None else cfg
+    with jax.default_matmul_precision(cfg.matmul_precision):
+        return _run(cfg, log)
+
+
+def _run(cfg: ml_collections.ConfigDict, log: Callable[[str], None]) -> dict:
     import jax
     from flax import nnx
 
@@ -247,12 +258,14 @@ def run_demo(cfg: ml_collections.ConfigDict | None = None, log: Callable[[str], 
         ids, encoded = encode_prompt([*images, cfg.prompt], tok, image_cfg)
         batch = prompt_batch([(ids, encoded)], pad_id=tok.pad_id, image_id=tok.image_id)
         hf_inputs = _hf_style_inputs(ids, [preprocess_image(im, image_cfg) for im in images])
-        reference = from_hf_inputs(hf_inputs["input_ids"], hf_inputs["pixel_values"], hf_inputs["image_sizes"],
-                                   image_token_id=tok.image_id, patch_size=image_cfg.patch_size, pad_id=tok.pad_id)
+        reference = from_hf_inputs(
+            hf_inputs["input_ids"], hf_inputs.get("pixel_values"), hf_inputs.get("image_sizes"),
+            image_token_id=tok.image_id, patch_size=image_cfg.patch_size, pad_id=tok.pad_id)
         for key, value in batch.items():
             _check(np.array_equal(value, reference[key]), f"prompt_batch and from_hf_inputs disagree on {key!r}")
         grids = " + ".join(f"{p[:, 0].max() + 1}x{p[:, 1].max() + 1}" for _, p in encoded)
-        return (f"{len(ids)} tokens, {batch['patches'].shape[1]} patches ({grids} grids); "
+        return (f"{len(ids)} tokens, {batch['patches'].shape[1]} patches "
+                f"({grids + ' grids' if grids else 'no images'}); "
                 f"matches from_hf_inputs"), (ids, batch, hf_inputs)
 
     ids, batch, hf_inputs = steps.run("build prompt", build_prompt)
@@ -330,7 +343,8 @@ def run_demo(cfg: ml_collections.ConfigDict | None = None, log: Callable[[str], 
         new = new[:n]
         _check_against_full_forward(model, batch, new)
         text = tok.decode(new)
-        return f"{n} tokens (KV cache == full forward){', stopped at </s>' if bool(finished[0]) else ''}: {text!r}", (new, text)
+        stopped = ", stopped at </s>" if bool(finished[0]) else ""
+        return f"{n} tokens (KV cache == full forward){stopped}: {text!r}", (new, text)
 
     new_ids, text = steps.run("greedy generate", greedy_generate)
 
@@ -343,6 +357,7 @@ def run_demo(cfg: ml_collections.ConfigDict | None = None, log: Callable[[str], 
         total_seconds=round(sum(s for _, _, s in steps.rows), 3),
     )
     (out_dir / "summary.json").write_text(json.dumps(results, indent=2))
+    log(f"all checks passed; results in {out_dir / 'summary.json'}")
     return results
 
 

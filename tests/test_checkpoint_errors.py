@@ -146,7 +146,7 @@ def test_interrupted_orbax_save_is_not_a_checkpoint(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(orbax_io.ocp.StandardCheckpointer, "save", interrupted)
+    monkeypatch.setattr(orbax_io.ocp.Checkpointer, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
         orbax_io.save_model(state, cfg, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []

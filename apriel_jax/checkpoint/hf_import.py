@@ -101,13 +101,25 @@ def load_state(source: SafetensorsCheckpoint, cfg, *, layout: str | None = None,
     def build(keypath, leaf, sharding):
         m = maps[param_path(keypath)]
 
+        def convert(name, index):
+            part = np.asarray(m.to_ours(source.get(name))[index], dtype=leaf.dtype)
+            # Consumed: unmap its pages so resident memory stays near one tensor. If `part` is still
+            # a view of the file, reading it simply faults the pages back in.
+            source.release(name)
+            return part
+
         def read(index):
             if not m.stacked:
-                return np.asarray(m.to_ours(source.get(m.name))[index], dtype=leaf.dtype)
+                return convert(m.name, index)
             layers = range(leaf.shape[0])[index[0]]
-            return np.stack(
-                [np.asarray(m.to_ours(source.get(m.name.format(i=i)))[index[1:]], dtype=leaf.dtype) for i in layers]
-            )
+            # Each layer is converted straight into the shard buffer: no stacking copy.
+            out = None
+            for j, i in enumerate(layers):
+                part = convert(m.name.format(i=i), index[1:])
+                if out is None:
+                    out = np.empty((len(layers), *part.shape), leaf.dtype)
+                out[j] = part
+            return out
 
         return jax.make_array_from_callback(leaf.shape, sharding, read)
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import operator
 import os
 import shutil
@@ -194,6 +195,16 @@ class _Reader:
         """``get(name)[index]``: with basic indexing only touched pages are read."""
         return self.get(name)[index]
 
+    def release(self, name: str) -> None:
+        """Unmap this tensor's pages from the process (the OS page cache keeps them).
+
+        Touched pages of a mapping count as resident memory until unmapped; releasing each tensor once
+        it has been consumed keeps a streaming import near one tensor of RSS. Views stay valid: a later
+        read faults the pages back in.
+        """
+        f, e = self._lookup(name)
+        f._release(e)
+
     def __enter__(self):
         return self
 
@@ -239,6 +250,13 @@ class SafetensorsFile(_Reader):
         # np.asarray drops the memmap subclass (odd ufunc results) without a
         # copy; view/reshape only change metadata.  mode="r" => read-only.
         return np.asarray(self._mm[e.start:e.end]).view(e.dtype).reshape(e.shape)
+
+    def _release(self, e: _Entry) -> None:
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = e.start - e.start % mmap.PAGESIZE
+        if e.end > start:
+            self._mm._mmap.madvise(mmap.MADV_DONTNEED, start, e.end - start)
 
     def close(self) -> None:
         # Only drop our reference: arrays handed out keep the mmap alive, and

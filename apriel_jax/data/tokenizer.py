@@ -26,6 +26,7 @@ __all__ = [
     "Tokenizer",
     "UnknownSpecialTokenError",
     "load_tokenizer",
+    "tokenizer_summary",
     "train_tiny_tokenizer",
 ]
 
