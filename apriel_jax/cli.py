@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from apriel_jax.utils.platform import quiet_libtpu_without_tpu
+
 EXIT_USAGE = 2
 
 
@@ -295,6 +297,7 @@ def _split_demo_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (``--help`` and argparse errors raise SystemExit)."""
+    quiet_libtpu_without_tpu()
     _mark_absl_flags_parsed()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

@@ -286,7 +286,8 @@ def _run(cfg: ml_collections.ConfigDict, log: Callable[[str], None]) -> dict:
 
     # (d) HF export + re-import must reproduce the logits exactly.
     def export_and_reimport():
-        export_hf(nnx.state(model), model_cfg, hf_dir, source_dir=tok_dir, overwrite=True)
+        token_ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        export_hf(nnx.state(model), model_cfg, hf_dir, source_dir=tok_dir, token_ids=token_ids, overwrite=True)
         reloaded = from_pretrained(hf_dir, mesh=mesh)
         again = forward_logits(reloaded, batch)
         _check(np.array_equal(again, logits),

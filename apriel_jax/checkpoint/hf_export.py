@@ -9,7 +9,6 @@ failed export leaves nothing behind.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -21,7 +20,9 @@ from apriel_jax.checkpoint.hf_import import param_path
 from apriel_jax.checkpoint.keymap import key_map
 from apriel_jax.checkpoint.safetensors_io import TensorSpec, write_safetensors_checkpoint
 
-# Files that travel with the weights when the source checkpoint had them.
+# Files that travel with the weights when the source checkpoint had them. An orbax model directory
+# keeps the source's config.json as hf_config.json, so token ids survive HF -> orbax -> HF.
+HF_CONFIG_COPY = "hf_config.json"
 SIDECAR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "tekken.json",
     "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
@@ -55,16 +56,20 @@ def tensor_specs(state: nnx.State, cfg, *, layout: str = "hf4", dtype: str | Non
 
 
 def export_hf(state: nnx.State, cfg, out_dir, *, dtype: str | None = None, source_dir=None,
-              max_shard_bytes: int = 5 * 2**30, overwrite: bool = False, layout: str = "hf4") -> Path:
+              token_ids: dict[str, int] | None = None, max_shard_bytes: int = 5 * 2**30,
+              overwrite: bool = False, layout: str = "hf4") -> Path:
     """Write an HF checkpoint directory that ``LlavaForConditionalGeneration.from_pretrained`` loads.
 
     ``dtype`` is the stored dtype (default: the parameters' own). Tokenizer, chat template and
-    processor files are copied from ``source_dir`` when it has them.
+    processor files are copied from ``source_dir`` when it has them. ``token_ids`` (bos/eos/pad ids for
+    config.json) default to those of the source's HF config, so a tokenizer's ids are never replaced
+    by defaults.
     """
     leaves = jax.tree.leaves(state)
     stored = dtype or str(leaves[0].dtype)
-    extra = {"config.json": json.dumps(to_hf_config(cfg, dtype=stored), indent=2)}
-    extra.update(_sidecars(source_dir))
+    ids = token_ids if token_ids is not None else source_token_ids(source_dir)
+    extra = {"config.json": json.dumps(to_hf_config(cfg, dtype=stored, token_ids=ids), indent=2)}
+    extra.update(sidecars(source_dir))
     write_safetensors_checkpoint(
         out_dir, tensor_specs(state, cfg, layout=layout, dtype=dtype), max_shard_bytes=max_shard_bytes,
         extra_files=extra, overwrite=overwrite,
@@ -72,14 +77,27 @@ def export_hf(state: nnx.State, cfg, out_dir, *, dtype: str | None = None, sourc
     return Path(out_dir)
 
 
-def _sidecars(source_dir) -> dict[str, bytes]:
+def sidecars(source_dir) -> dict[str, bytes]:
+    """Tokenizer/processor files of ``source_dir`` (name -> bytes) to carry into a converted checkpoint."""
     if source_dir is None:
         return {}
     source_dir = Path(source_dir)
     return {name: (source_dir / name).read_bytes() for name in SIDECAR_FILES if (source_dir / name).is_file()}
 
 
-def copy_sidecars(source_dir, out_dir) -> None:
-    for name in SIDECAR_FILES:
-        if (Path(source_dir) / name).is_file():
-            shutil.copy2(Path(source_dir) / name, Path(out_dir) / name)
+def source_token_ids(source_dir) -> dict[str, int] | None:
+    """bos/eos/pad ids from the source's HF config (config.json, or the copy in an orbax directory)."""
+    if source_dir is None:
+        return None
+    for name in ("config.json", HF_CONFIG_COPY):
+        path = Path(source_dir) / name
+        if path.is_file():
+            hf = json.loads(path.read_text())
+            text = hf.get("text_config", {})
+            ids = {}
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                value = text.get(key, hf.get(key))
+                if value is not None:
+                    ids[key] = value
+            return ids
+    return None

@@ -40,16 +40,19 @@ def is_model_dir(path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
-def save_model(state: nnx.State, cfg, out_dir, *, overwrite: bool = False) -> Path:
-    """Save parameters and config to ``out_dir`` atomically."""
+def save_model(state: nnx.State, cfg, out_dir, *, overwrite: bool = False,
+               extra_files: dict[str, bytes] | None = None) -> Path:
+    """Save parameters, config and ``extra_files`` (tokenizer, HF config, ...) to ``out_dir`` atomically."""
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
+        raise FileExistsError(f"{out_dir} exists and is not empty (allow overwriting to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
         cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg_dict, indent=2, sort_keys=True))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         with _checkpointer() as checkpointer:
             checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(nnx.to_pure_dict(state)))
         if out_dir.exists():

@@ -84,9 +84,10 @@ def from_pretrained(path, *, dtype: str | None = None, param_dtype: str | None =
 
 def hf_to_orbax(src, dst, *, param_dtype: str | None = None, overwrite: bool = False):
     cfg, state = load_config_and_state(src, param_dtype=param_dtype)
-    out = orbax_io.save_model(state, cfg, dst, overwrite=overwrite)
-    hf_export.copy_sidecars(src, out)
-    return out
+    extra = hf_export.sidecars(src)
+    if (Path(src) / "config.json").is_file():
+        extra[hf_export.HF_CONFIG_COPY] = (Path(src) / "config.json").read_bytes()
+    return orbax_io.save_model(state, cfg, dst, overwrite=overwrite, extra_files=extra)
 
 
 def orbax_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = False, max_shard_bytes=5 * 2**30):

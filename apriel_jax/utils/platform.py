@@ -1,0 +1,27 @@
+"""Quiet libtpu on hosts that have no TPU.
+
+The ``test`` extra installs libtpu (for ahead-of-time TPU compiles on CPU). On a host without TPU chips,
+JAX's TPU plugin then probes cloud metadata and prints several lines of initialisation errors on
+every start. When no TPU device node exists we tell libtpu not to probe; on a real TPU VM (device
+nodes present) nothing is changed, and explicit user settings always win.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+_TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def has_tpu_devices() -> bool:
+    return any(glob.glob(pattern) for pattern in _TPU_DEVICE_GLOBS)
+
+
+def quiet_libtpu_without_tpu() -> None:
+    """Must run before jax is imported to have an effect."""
+    if has_tpu_devices():
+        return
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_WORKER_ID", "0")
