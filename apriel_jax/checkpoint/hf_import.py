@@ -102,10 +102,10 @@ def load_state(source: SafetensorsCheckpoint, cfg, *, layout: str | None = None,
         m = maps[param_path(keypath)]
 
         def convert(name, index):
-            part = np.asarray(m.to_ours(source.get(name))[index], dtype=leaf.dtype)
-            # Consumed: unmap its pages so resident memory stays near one tensor. If `part` is still
-            # a view of the file, reading it simply faults the pages back in.
-            source.release(name)
+            # Always a private copy: jax on CPU may alias a host buffer instead of copying it, and an
+            # array aliasing the file mapping would keep its pages resident for the model's lifetime.
+            part = np.array(m.to_ours(source.get(name))[index], dtype=leaf.dtype, copy=True)
+            source.release(name)  # consumed: unmap its pages so resident memory stays near one tensor
             return part
 
         def read(index):
@@ -121,6 +121,8 @@ def load_state(source: SafetensorsCheckpoint, cfg, *, layout: str | None = None,
                 out[j] = part
             return out
 
-        return jax.make_array_from_callback(leaf.shape, sharding, read)
+        # Wait for each parameter: transfers are asynchronous, and host buffers of queued transfers
+        # would otherwise pile up to a second copy of the model.
+        return jax.block_until_ready(jax.make_array_from_callback(leaf.shape, sharding, read))
 
     return jax.tree_util.tree_map_with_path(build, abstract_state, shardings)

@@ -31,8 +31,11 @@ PARAMS_DIR = "params"
 
 def _checkpointer() -> ocp.Checkpointer:
     # Uncompressed: weights barely compress (about 5% with zstd) while compression made a 2 GB save
-    # 1.6x slower on CPU (benchmarks/convert.py).
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+    # 1.6x slower on CPU. At most 1 GB in flight: orbax's default (96 GB) let a 2 GB restore peak at
+    # model + 1.7 GB of host memory; with 1 GB the peak is model + 0.8 GB (benchmarks/convert.py).
+    return ocp.Checkpointer(
+        ocp.PyTreeCheckpointHandler(use_compression=False, restore_concurrent_gb=1, save_concurrent_gb=1)
+    )
 
 
 def is_model_dir(path) -> bool:
