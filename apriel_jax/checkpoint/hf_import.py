@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from apriel_jax.checkpoint.keymap import TensorMap, detect_layout, expand, key_map
 from apriel_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
@@ -92,11 +92,7 @@ def load_state(source: SafetensorsCheckpoint, cfg, *, layout: str | None = None,
     layout = check_checkpoint(source, cfg, layout)
     maps = {m.path: m for m in key_map(cfg, layout)}
     abstract_state = nnx.state(abstract_model(cfg))
-    if mesh is not None:
-        shardings = state_shardings(cfg, mesh, rules)
-    else:
-        device = SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract_state)
+    shardings = state_shardings(cfg, mesh, rules)
 
     def build(keypath, leaf, sharding):
         m = maps[param_path(keypath)]

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from apriel_jax.model.factory import abstract_model, state_shardings
 from apriel_jax.parallel.rules import DEFAULT_RULES
@@ -78,11 +78,7 @@ def load_state(model_dir, cfg=None, *, mesh: Mesh | None = None, rules=DEFAULT_R
         raise FileNotFoundError(f"{model_dir} is not an apriel-jax model directory ({CONFIG_FILE} + {PARAMS_DIR}/)")
     cfg = cfg if cfg is not None else load_config(model_dir)
     abstract_state = nnx.state(abstract_model(cfg))
-    if mesh is not None:
-        shardings = state_shardings(cfg, mesh, rules)
-    else:
-        device = SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract_state)
+    shardings = state_shardings(cfg, mesh, rules)
     target = nnx.to_pure_dict(
         jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
     )

@@ -7,8 +7,10 @@ A source directory is recognised by its files: ``config.json`` + safetensors (Hu
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
+import jax
 from jax.sharding import Mesh
 
 from apriel_jax.checkpoint import hf_export, hf_import, mistral, orbax_io
@@ -39,8 +41,11 @@ def read_hf_config(path):
 
 
 def _stored_dtype(source: SafetensorsCheckpoint) -> str:
-    names = source.keys()
-    return str(source.dtype(names[0])) if names else "float32"
+    """The dtype most of the checkpoint's bytes are stored in."""
+    totals = Counter()
+    for name in source.keys():
+        totals[str(source.dtype(name))] += source.nbytes(name)
+    return totals.most_common(1)[0][0] if totals else "float32"
 
 
 def load_config_and_state(path, *, dtype: str | None = None, param_dtype: str | None = None,
@@ -52,23 +57,18 @@ def load_config_and_state(path, *, dtype: str | None = None, param_dtype: str | 
     fmt = detect_format(path)
     if fmt == "orbax":
         cfg = orbax_io.load_config(path)
-        stored = cfg.param_dtype
-    else:
-        cfg = read_hf_config(path) if fmt == "hf" else mistral.from_params_json(mistral.read_params_json(path))
-        source = SafetensorsCheckpoint(path)
-        stored = _stored_dtype(source)
-    cfg.param_dtype = param_dtype or stored
-    cfg.dtype = dtype or cfg.param_dtype
-    if fmt == "orbax":
-        restore_cfg = orbax_io.load_config(path)
-        state = orbax_io.load_state(path, restore_cfg, mesh=mesh, rules=rules)
-        if restore_cfg.param_dtype != cfg.param_dtype:
-            import jax
-
-            state = jax.tree.map(lambda a: a.astype(cfg.param_dtype), state)
+        state = orbax_io.load_state(path, cfg, mesh=mesh, rules=rules)
+        if param_dtype and param_dtype != cfg.param_dtype:
+            state = jax.tree.map(lambda a: a.astype(param_dtype), state)
+            cfg.param_dtype = param_dtype
+        cfg.dtype = dtype or cfg.param_dtype
         return cfg, state
-    return cfg, hf_import.load_state(source, cfg, layout="mistral" if fmt == "mistral" else None,
-                                     mesh=mesh, rules=rules)
+    cfg = read_hf_config(path) if fmt == "hf" else mistral.from_params_json(mistral.read_params_json(path))
+    source = SafetensorsCheckpoint(path)
+    cfg.param_dtype = param_dtype or _stored_dtype(source)
+    cfg.dtype = dtype or cfg.param_dtype
+    layout = "mistral" if fmt == "mistral" else None
+    return cfg, hf_import.load_state(source, cfg, layout=layout, mesh=mesh, rules=rules)
 
 
 def from_pretrained(path, *, dtype: str | None = None, param_dtype: str | None = None,

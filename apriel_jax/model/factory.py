@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from apriel_jax.model.apriel import AprielModel
 from apriel_jax.model.layers import count_params
@@ -20,9 +20,13 @@ def param_count(cfg) -> int:
     return count_params(nnx.state(abstract_model(cfg), nnx.Param))
 
 
-def state_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedSharding for every parameter of the model, from its logical axes and the rules table."""
+def state_shardings(cfg, mesh: Mesh | None, rules=DEFAULT_RULES):
+    """A sharding for every parameter: from its logical axes and the rules table on ``mesh``, or the
+    default device when ``mesh`` is None."""
     abstract_state = nnx.state(abstract_model(cfg))
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, abstract_state)
     return tree_shardings(nnx.get_partition_spec(abstract_state), abstract_state, mesh, rules)
 
 
