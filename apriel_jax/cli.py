@@ -32,7 +32,7 @@ config:
   type, e.g.
     apriel-jax demo --config.out_dir=/tmp/qs --config.seed=3 --config.max_new_tokens=8
     apriel-jax demo --config.image_sizes="[(64, 32)]" --config.mesh.fsdp=2 --config.check_transformers=false
-  Fields: model, seed, out_dir, image_sizes, prompt, max_new_tokens, mesh.{data,fsdp,tensor,sequence},
+  Fields: model (the whole model config: --config.model.decoder.num_layers=4), seed, out_dir, image_sizes, prompt, max_new_tokens, mesh.{data,fsdp,tensor,sequence},
   check_transformers, transformers_rtol, matmul_precision.
 
 Every step checks its result; a failed check stops the run with an error (exit code 1).

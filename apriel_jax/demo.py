@@ -21,6 +21,8 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from apriel_jax.model.presets import get_preset
+
 # A short, self-written corpus for the demo tokenizer: enough for a few hundred BPE merges.
 BUILTIN_TEXT = """\
 Apriel reads an image as a grid of small square patches. Each patch becomes one token for the
@@ -48,7 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
     """The quickstart settings; every field can be overridden with ``--config.FIELD=VALUE``."""
     return ml_collections.ConfigDict(
         dict(
-            model="tiny",  # model preset name (apriel_jax.model.presets)
+            # The whole model config (the `tiny` preset), so any architecture field can be overridden:
+            # --config.model.decoder.num_layers=4
+            model=get_preset("tiny"),
             seed=0,  # model init, random images and sampling
             out_dir="runs/quickstart",  # tokenizer, HF export, orbax checkpoint, round-trip export
             image_sizes=((48, 64), (32, 32)),  # (height, width) in pixels of the random prompt images
@@ -215,17 +219,17 @@ def _run(cfg: ml_collections.ConfigDict, log: Callable[[str], None]) -> dict:
     from apriel_jax.data.images import ImageConfig, preprocess_image
     from apriel_jax.data.prompt import encode_prompt, prompt_batch
     from apriel_jax.data.tokenizer import train_tiny_tokenizer
-    from apriel_jax.model import create_model, get_preset, param_count
+    from apriel_jax.model import create_model, param_count
     from apriel_jax.model.generate import SamplingConfig, generate
     from apriel_jax.parallel.mesh import make_mesh
 
     out_dir = Path(cfg.out_dir)
     tok_dir, hf_dir = out_dir / "tokenizer", out_dir / "hf"
     orbax_dir, hf2_dir = out_dir / "orbax", out_dir / "hf_roundtrip"
-    model_cfg = get_preset(cfg.model)
+    model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
     steps = _Steps(log)
     results: dict = {"out_dir": str(out_dir), "devices": jax.device_count(), "backend": jax.default_backend()}
-    log(f"apriel-jax demo: preset {cfg.model!r}, {jax.device_count()} {jax.default_backend()} device(s), "
+    log(f"apriel-jax demo: {model_cfg.decoder.num_layers}-layer decoder, {model_cfg.vision.num_layers}-layer vision, {jax.device_count()} {jax.default_backend()} device(s), "
         f"writing to {out_dir}")
 
     # (a) A real tokenizer, trained here, with Pixtral's special ids.

@@ -107,3 +107,17 @@ def test_invalid_config_is_rejected():
     with pytest.raises(ValueError) as err:
         create_model(cfg)
     assert "num_kv_heads" in str(err.value) and "swish2" in str(err.value)
+
+
+def test_bfloat16_compute_with_fp32_master_weights():
+    batch = random_batch(get_preset("tiny"), np.random.default_rng(4))
+    cfg32 = get_preset("tiny")
+    cfg16 = get_preset("tiny")
+    cfg16.dtype = "bfloat16"  # compute; parameters stay fp32
+    fp32 = np.asarray(create_model(cfg32, seed=5)(batch))
+    model16 = create_model(cfg16, seed=5)
+    assert model16.decoder.embed[...].dtype == jnp.float32
+    bf16 = np.asarray(model16(batch))
+    assert bf16.dtype == np.float32  # logits are returned in fp32
+    assert np.abs(bf16 - fp32).max() < 0.05 * np.abs(fp32).max()
+    assert (bf16.argmax(-1) == fp32.argmax(-1)).mean() > 0.9
