@@ -52,14 +52,13 @@ def generate(workdir: Path, gb: float) -> Path:
     from apriel_jax.checkpoint.hf_config import to_hf_config
     from apriel_jax.checkpoint.keymap import expand, key_map
     from apriel_jax.checkpoint.safetensors_io import TensorSpec, write_safetensors_checkpoint
-    from apriel_jax.model import abstract_model
     from apriel_jax.checkpoint.hf_import import _abstract_leaves
 
     cfg = bench_config(gb)
     leaves = _abstract_leaves(cfg)
     layers = {"vision": cfg.vision.num_layers, "decoder": cfg.decoder.num_layers, "projector": 0}
     specs = []
-    for index, (name, (m, i)) in enumerate(sorted(expand(key_map(cfg), layers).items())):
+    for index, (name, (m, _layer)) in enumerate(sorted(expand(key_map(cfg), layers).items())):
         leaf = leaves[m.path]
         shape = jax.eval_shape(m.to_ext, jax.ShapeDtypeStruct(leaf.shape[1:] if m.stacked else leaf.shape,
                                                              np.float32)).shape
@@ -71,7 +70,6 @@ def generate(workdir: Path, gb: float) -> Path:
     out = workdir / "hf"
     write_safetensors_checkpoint(out, specs, max_shard_bytes=1 << 30,
                                  extra_files={"config.json": json.dumps(to_hf_config(cfg))}, overwrite=True)
-    del abstract_model
     return out
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from transformers import LlavaForConditionalGeneration
 
 import apriel_jax
 import hf_reference as ref

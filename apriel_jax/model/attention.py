@@ -9,7 +9,6 @@ the whole cache, restricted by the cache's segment ids and causality.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from apriel_jax.kernels.attention import attention

@@ -9,7 +9,6 @@ projector reads the last layer's output directly, as ``vision_feature_layer = -1
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from apriel_jax.model.attention import SelfAttention
