@@ -1,4 +1,4 @@
-"""Tokenizers behind one small interface: HF ``tokenizer.json`` and Mistral ``tekken.json``.
+"""Tokenizers behind one small interface: HF ``tokenizer.json``, Mistral ``tekken.json``, SentencePiece ``.model``.
 
 Everything downstream (prompt building, generation, the data pipeline) asks a :class:`Tokenizer` for
 ids by token *string* (``[IMG]``, ``</s>``, ...). No id is hard-coded: Pixtral's tekken, an HF export
@@ -8,8 +8,8 @@ of it and the tiny tokenizer trained here happen to agree, other checkpoints nee
 characters ``[IMG]`` stays text and can never smuggle in a control token. Special tokens are placed
 by code (see ``apriel_jax/data/prompt.py``), never parsed out of text.
 
-Chat formats and SentencePiece models are meant to be added as further subclasses / helpers; the
-base class keeps to what every implementation can answer.
+Chat formats live in ``apriel_jax/data/chat.py``; the base class keeps to what every implementation
+can answer.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ from typing import Iterable, Sequence
 __all__ = [
     "HFTokenizer",
     "PIXTRAL_SPECIAL_TOKENS",
+    "SentencePieceTokenizer",
     "TekkenTokenizer",
     "Tokenizer",
     "UnknownSpecialTokenError",
     "load_tokenizer",
+    "pixtral_tekken_path",
     "tokenizer_summary",
+    "train_tiny_sentencepiece",
     "train_tiny_tokenizer",
 ]
 
@@ -42,6 +45,7 @@ _NUM_TINY_SPECIAL = 20
 
 HF_FILE = "tokenizer.json"
 TEKKEN_FILE = "tekken.json"
+SP_FILE = "tokenizer.model"
 
 
 class UnknownSpecialTokenError(KeyError):
@@ -196,22 +200,137 @@ class TekkenTokenizer(Tokenizer):
             return super().special_id(name)  # raises with the listing
 
 
-def load_tokenizer(path) -> Tokenizer:
-    """The tokenizer at ``path``: a ``tokenizer.json`` / ``tekken*.json`` file, or a directory holding one.
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` (Mistral v1-v3 ``tokenizer.model``, Llama-style checkpoints).
 
-    A directory with both files gives the HF one (it is what an HF checkpoint directory is read with).
+    Special tokens are the model's control pieces plus its unknown piece, looked up by piece string.
+    SentencePiece keeps bos/eos as ids rather than named tokens; when a model spells them
+    differently from ``<s>`` / ``</s>`` (or not at all), ``bos_id`` / ``eos_id`` fall back to the ids
+    the model itself declares, so callers can keep asking for them by their Pixtral names.
+
+    ``encode`` never produces control pieces from text (SentencePiece does not parse them), so text
+    such as ``"[IMG]"`` stays text. User-defined pieces, which SentencePiece *does* match in text,
+    are not treated as special: the Python API cannot tell them apart without the model proto.
+    """
+
+    def __init__(self, path):
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        sp = self._sp
+        # One pass over the vocabulary (32k ids take a few ms); ids never change after loading.
+        self._special = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+                         if sp.is_control(i) or sp.is_unknown(i)}
+        self._special_ids = frozenset(self._special.values())
+
+    def encode(self, text: str) -> list[int]:
+        # The processor adds no bos/eos unless configured to; ask explicitly so a model saved with
+        # other defaults cannot change that.
+        return list(self._sp.encode(text, add_bos=False, add_eos=False))
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        # SentencePiece would silently drop control ids; decode runs of ordinary ids and splice the
+        # special pieces in by name when asked to keep them (the same rendering tekken gives).
+        out, run = [], []
+        for i in (int(i) for i in ids):
+            if i in self._special_ids:
+                if run:
+                    out.append(self._sp.decode(run))
+                    run = []
+                if not skip_special_tokens:
+                    out.append(self._sp.id_to_piece(i))
+            else:
+                run.append(i)
+        if run:
+            out.append(self._sp.decode(run))
+        return "".join(out)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._sp.get_piece_size())
+
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    def special_id(self, name: str) -> int:
+        if name in self._special:
+            return self._special[name]
+        # The model's own bos/eos/pad ids when the piece has another spelling (-1 means "none").
+        fallback = {"<s>": self._sp.bos_id(), "</s>": self._sp.eos_id(), "<pad>": self._sp.pad_id()}
+        if fallback.get(name, -1) >= 0:
+            return int(fallback[name])
+        return super().special_id(name)
+
+
+def pixtral_tekken_path() -> Path:
+    """Path of Pixtral-12B-2409's ``tekken_240911.json`` as shipped inside the mistral-common package."""
+    from importlib.resources import files
+
+    path = Path(str(files("mistral_common") / "data" / "tekken_240911.json"))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: this mistral-common install ships no tekken_240911.json")
+    return path
+
+
+def _is_sentencepiece_name(name: str) -> bool:
+    # "tokenizer.model" and mistral-common's versioned "..._240323.model.v3" names.
+    return name.endswith(".model") or ".model.v" in name
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer at ``path``: a ``tokenizer.json``, ``tekken*.json`` or SentencePiece ``*.model``
+    file, or a directory holding one.
+
+    A directory with several gives the HF one first (it is what an HF checkpoint directory is read
+    with), then tekken, then ``tokenizer.model``.
     """
     path = Path(path)
     if path.is_dir():
-        for name, cls in ((HF_FILE, HFTokenizer), (TEKKEN_FILE, TekkenTokenizer)):
+        for name, cls in ((HF_FILE, HFTokenizer), (TEKKEN_FILE, TekkenTokenizer), (SP_FILE, SentencePieceTokenizer)):
             if (path / name).is_file():
                 return cls(path / name)
-        raise FileNotFoundError(f"{path}: no tokenizer found (looked for {HF_FILE} and {TEKKEN_FILE})")
+        raise FileNotFoundError(
+            f"{path}: no tokenizer found (looked for {HF_FILE}, {TEKKEN_FILE} and {SP_FILE})")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
     if path.name.startswith("tekken"):
         return TekkenTokenizer(path)
+    if _is_sentencepiece_name(path.name):
+        return SentencePieceTokenizer(path)
     return HFTokenizer(path)
+
+
+def train_tiny_sentencepiece(texts: Sequence[str], vocab_size: int, out_prefix) -> SentencePieceTokenizer:
+    """Train a tiny byte-fallback BPE SentencePiece model on ``texts``; writes ``{out_prefix}.model``.
+
+    Ids 0-19 are Pixtral's special tokens in Pixtral's order (unk/bos/eos as SentencePiece's reserved
+    ids, the rest as control pieces, so text never produces them), as in :func:`train_tiny_tokenizer`.
+    Normalisation, whitespace collapsing and the dummy ``▁`` prefix are switched off so that
+    ``decode(encode(t)) == t`` for any text and text encoded in pieces (as chat rendering does) gets
+    no invented spaces. A short corpus may yield fewer than ``vocab_size`` pieces.
+    """
+    import sentencepiece as spm
+
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    controls = list(PIXTRAL_SPECIAL_TOKENS[3:]) + [
+        _FILLER_TEMPLATE.format(id=i) for i in range(len(PIXTRAL_SPECIAL_TOKENS), _NUM_TINY_SPECIAL)]
+    minimum = _NUM_TINY_SPECIAL + 256  # specials + byte-fallback pieces
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size={vocab_size} is too small: {_NUM_TINY_SPECIAL} special tokens and "
+                         f"256 byte pieces need at least {minimum}")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_prefix=str(out_prefix), vocab_size=vocab_size,
+        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=controls,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, hard_vocab_limit=False, minloglevel=2,
+    )
+    tok = SentencePieceTokenizer(f"{out_prefix}.model")
+    got = [tok.special_id(s) for s in PIXTRAL_SPECIAL_TOKENS]
+    if got != list(range(len(PIXTRAL_SPECIAL_TOKENS))):
+        raise RuntimeError(f"trained model has special ids {got}, expected 0..{len(PIXTRAL_SPECIAL_TOKENS) - 1}")
+    return tok
 
 
 def train_tiny_tokenizer(texts: Sequence[str], vocab_size: int, out_path) -> HFTokenizer:

@@ -1,0 +1,304 @@
+"""Training input pipeline: weighted sources -> documents -> packed rows -> per-host batches.
+
+Design (why it looks like this):
+
+* **Every row of the global batch is its own stream.** Global row ``r`` (0 <= r < global_batch) packs
+  documents drawn only for it: record ``c`` of source ``s`` for row ``r`` is position ``c * R + r`` of
+  that source's epoch-wise shuffled order (``index_shuffle``: O(1) memory), so rows never share a
+  record within an epoch. A host computes only its rows ``[pi * R/pc, (pi + 1) * R/pc)``, so the global
+  batch is the same whatever the process count, and the processes' slices are disjoint.
+* **Packing is stateful, and its state is small and explicit.** A row stream keeps, per source, a
+  record cursor and the tokens drawn so far, plus ``pending``: pieces that did not fit the row being
+  filled, stored as ``(source, record, piece)`` *references*. Restoring re-reads those records (sources
+  are random access) and re-splits them, so ``get_state()`` is a few integers per row and a resumed
+  iterator yields exactly the batches of an uninterrupted one.
+* **Row filling**: pending pieces first, then new documents; a piece that does not fit joins
+  ``pending``; the row closes when it is full or ``max_pending`` pieces wait (bounded look-ahead,
+  in effect first-fit over a window of documents).
+* **Mixture by tokens**: each row stream draws from the source whose ``drawn_tokens / weight`` is
+  smallest (deficit round robin). Proportions then track the weights by construction, with no need to
+  know average document lengths; realised (packed) proportions are reported in :class:`PipelineStats`.
+* **Workers**: rows are grain elements in order (batch t, row k -> element t * B + k); grain's
+  ``mp_prefetch`` hands worker w the rows k = w mod W and interleaves them back in order, so the output
+  does not depend on ``worker_count`` (which must divide the local batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+import grain
+import numpy as np
+from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
+
+from .packing import PackingConfig, PackingStats, Row, rows_to_batch, split_document
+from .sources import DataError
+from .types import Document
+
+__all__ = ["ByteTextToDocument", "PipelineStats", "PackedDataset", "build_dataset"]
+
+_STAT_FIELDS = [f.name for f in fields(PackingStats)]
+
+
+class ByteTextToDocument:
+    """Minimal ``to_document`` for tests and smoke runs: UTF-8 bytes + ``offset`` as ids, text records only."""
+
+    def __init__(self, offset: int = 20):
+        self.offset = offset
+
+    def __call__(self, record: dict) -> Document:
+        if "text" not in record:
+            raise DataError(f"{record.get('_where', '<record>')}: ByteTextToDocument handles only 'text' records")
+        ids = np.frombuffer(str(record["text"]).encode("utf-8"), np.uint8).astype(np.int32) + self.offset
+        mask = np.ones(len(ids), np.float32)
+        mask[:1] = 0.0  # the first token has nothing to be predicted from
+        return Document(ids, mask)
+
+
+def _ensure_absl_flags() -> None:
+    # grain's worker processes read absl flags; outside absl.app.run they are unparsed and raise.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+@dataclass
+class _Shared:
+    """What every row stream of a dataset needs (pickled into workers once)."""
+
+    names: list[str]
+    sources: list[Any]
+    weights: np.ndarray
+    to_document: Callable[[dict], Document]
+    cfg: PackingConfig
+    rows_total: int  # global batch: the stride between one row's records
+    seed: int
+    max_pending: int
+
+    def record_index(self, s: int, row: int, cursor: int) -> int:
+        n = len(self.sources[s])
+        g = cursor * self.rows_total + row
+        epoch, pos = divmod(g, n)
+        # 32-bit seed per (seed, source, epoch): every epoch reshuffles.
+        key = int(np.random.SeedSequence([self.seed, s, epoch]).generate_state(1)[0])
+        return int(index_shuffle_module.index_shuffle(pos, n - 1, key, 4))
+
+    def document(self, s: int, rec: int) -> Document:
+        doc = self.to_document(self.sources[s][rec])
+        doc.source = self.names[s]
+        return doc
+
+
+class _RowStream:
+    """Packs successive rows for one global row index; state = cursors, drawn tokens, pending refs."""
+
+    def __init__(self, shared: _Shared, row: int):
+        self.sh, self.row = shared, row
+        n = len(shared.names)
+        self.cursor = [0] * n
+        self.drawn = [0] * n
+        self.pending: list[tuple[int, int, int]] = []
+        self._cache: dict[tuple[int, int], list[Document]] = {}  # pieces of documents with pending pieces
+
+    def state(self) -> dict:
+        return {"cursor": list(self.cursor), "drawn": list(self.drawn), "pending": [list(p) for p in self.pending]}
+
+    def restore(self, state: dict) -> None:
+        self.cursor, self.drawn = list(state["cursor"]), list(state["drawn"])
+        self.pending = [tuple(p) for p in state["pending"]]
+        self._cache = {}
+
+    def _pieces(self, s: int, rec: int, stats: PackingStats | None) -> list[Document]:
+        key = (s, rec)
+        if key not in self._cache:
+            # Re-splitting after a restore must not count the document twice.
+            self._cache[key] = split_document(self.sh.document(s, rec), self.sh.cfg,
+                                              stats if stats is not None else PackingStats())
+        return self._cache[key]
+
+    def next_row(self, stats: PackingStats) -> Row:
+        sh, cfg = self.sh, self.sh.cfg
+        row, waiting = Row(), []
+        for s, rec, p in self.pending:
+            piece = self._pieces(s, rec, None)[p]
+            if row.fits(piece, cfg):
+                row.add(piece)
+            else:
+                waiting.append((s, rec, p))
+        empty_draws = 0
+        while row.num_tokens < cfg.seq_len and len(waiting) < sh.max_pending:
+            s = int(np.argmin(np.asarray(self.drawn, np.float64) / sh.weights))
+            rec = sh.record_index(s, self.row, self.cursor[s])
+            self.cursor[s] += 1
+            pieces = split_document(sh.document(s, rec), cfg, stats)
+            self._cache[(s, rec)] = pieces
+            self.drawn[s] += max(1, sum(len(p) for p in pieces))  # >= 1 so an all-dropped source yields its turn
+            empty_draws = empty_draws + 1 if not pieces else 0
+            if empty_draws > 10_000:
+                raise DataError("10000 documents in a row were dropped or skipped; check the packing config")
+            for p, piece in enumerate(pieces):
+                if row.fits(piece, cfg):
+                    row.add(piece)
+                else:
+                    waiting.append((s, rec, p))
+        self.pending = waiting
+        live = {(s, rec) for s, rec, _ in waiting}
+        self._cache = {k: v for k, v in self._cache.items() if k in live}
+        return row
+
+
+def _row_element(shared: _Shared, row: Row, stats: PackingStats) -> dict[str, np.ndarray]:
+    batch = {k: v[0] for k, v in rows_to_batch([row], shared.cfg).items()}
+    per_source = np.zeros(len(shared.names), np.int64)
+    for piece in row.pieces:
+        per_source[shared.names.index(piece.source)] += len(piece)
+    batch["_source_tokens"] = per_source
+    batch["_stats"] = np.array([getattr(stats, f) for f in _STAT_FIELDS], np.int64)
+    return batch
+
+
+class _RowsIterator(grain.DatasetIterator):
+    def __init__(self, shared: _Shared, row_ids: list[int]):
+        super().__init__()
+        self.sh = shared
+        self.streams = [_RowStream(shared, r) for r in row_ids]
+        self.k = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        stream = self.streams[self.k % len(self.streams)]
+        stats = PackingStats()
+        row = stream.next_row(stats)
+        stats.count_rows([row], self.sh.cfg)
+        self.k += 1
+        return _row_element(self.sh, row, stats)
+
+    def get_state(self) -> dict:
+        return {"k": self.k, "rows": [s.state() for s in self.streams]}
+
+    def set_state(self, state: dict) -> None:
+        self.k = int(state["k"])
+        for stream, st in zip(self.streams, state["rows"], strict=True):
+            stream.restore(st)
+
+
+class _RowsIterDataset(grain.IterDataset):
+    """Source IterDataset of packed rows; supports grain's in-place slicing for worker processes."""
+
+    def __init__(self, shared: _Shared, row_ids: list[int]):
+        super().__init__()
+        self.sh, self.row_ids = shared, list(row_ids)
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        self.row_ids = self.row_ids[sl]
+
+    def __iter__(self) -> _RowsIterator:
+        return _RowsIterator(self.sh, self.row_ids)
+
+
+def _stack_rows(rows):
+    """grain batch_fn: stack row arrays; bookkeeping fields are summed, not stacked."""
+    out = {k: np.stack([r[k] for r in rows]) for k in rows[0] if not k.startswith("_")}
+    out["_source_tokens"] = np.sum([r["_source_tokens"] for r in rows], axis=0)
+    out["_stats"] = np.sum([r["_stats"] for r in rows], axis=0)
+    return out
+
+
+@dataclass
+class PipelineStats:
+    names: list[str]
+    weights: list[float]
+    source_tokens: list[int] = field(default_factory=list)  # packed tokens per source
+    packing: PackingStats = field(default_factory=PackingStats)
+    batches: int = 0
+
+    def proportions(self) -> dict[str, float]:
+        total = sum(self.source_tokens) or 1
+        return {n: t / total for n, t in zip(self.names, self.source_tokens)}
+
+    def state(self) -> dict:
+        return {"source_tokens": list(self.source_tokens), "packing": self.packing.as_dict(), "batches": self.batches}
+
+    def restore(self, state: dict) -> None:
+        self.source_tokens = list(state["source_tokens"])
+        self.packing = PackingStats(**state["packing"])
+        self.batches = int(state["batches"])
+
+
+class PackedBatchIterator:
+    """Iterator of batch-contract dicts for this process, with statistics and checkpointable state."""
+
+    def __init__(self, dataset: "PackedDataset"):
+        self._it = iter(dataset.grain_dataset)
+        self.stats = PipelineStats(dataset.names, dataset.weights, [0] * len(dataset.names))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        self.stats.source_tokens = [a + int(b) for a, b in zip(self.stats.source_tokens, batch.pop("_source_tokens"))]
+        self.stats.packing.merge(PackingStats(**dict(zip(_STAT_FIELDS, map(int, batch.pop("_stats"))))))
+        self.stats.batches += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"grain": self._it.get_state(), "stats": self.stats.state()}
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state["grain"])
+        self.stats.restore(state["stats"])
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+@dataclass
+class PackedDataset:
+    grain_dataset: grain.IterDataset
+    names: list[str]
+    weights: list[float]
+    local_batch: int
+
+    def __iter__(self) -> PackedBatchIterator:
+        return PackedBatchIterator(self)
+
+
+def build_dataset(sources: Mapping[str, tuple[Any, float]], to_document: Callable[[dict], Document],
+                  packing: PackingConfig, global_batch: int, seed: int, process_index: int = 0,
+                  process_count: int = 1, worker_count: int = 0, max_pending: int = 8,
+                  worker_buffer_size: int = 2) -> PackedDataset:
+    """This process's slice of an infinite stream of packed global batches (see module docstring).
+
+    ``sources`` maps a name to ``(random-access source, weight)``; weights are token proportions
+    (normalised here). ``to_document`` must be picklable (a module-level class) when ``worker_count > 0``.
+    """
+    _ensure_absl_flags()
+    if global_batch < 1 or process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"bad batch/process: global_batch={global_batch} process {process_index}/{process_count}")
+    if global_batch % process_count:
+        raise ValueError(f"global_batch={global_batch} is not divisible by process_count={process_count}")
+    local = global_batch // process_count
+    if worker_count and local % worker_count:
+        raise ValueError(f"worker_count={worker_count} must divide the per-process batch {local}")
+    names = list(sources)
+    if not names:
+        raise ValueError("no sources given")
+    weights = np.array([float(sources[n][1]) for n in names], np.float64)
+    if np.any(weights <= 0) or not np.all(np.isfinite(weights)):
+        raise ValueError(f"weights must be positive and finite, got {dict(zip(names, weights))}")
+    for n in names:
+        if len(sources[n][0]) == 0:
+            raise ValueError(f"source {n!r} is empty")
+    weights = weights / weights.sum()
+    shared = _Shared(names, [sources[n][0] for n in names], weights, to_document, packing,
+                     global_batch, int(seed), max_pending)
+    ds: grain.IterDataset = _RowsIterDataset(shared, range(process_index * local, (process_index + 1) * local))
+    if worker_count > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                          per_worker_buffer_size=worker_buffer_size))
+    ds = ds.batch(local, drop_remainder=True, batch_fn=_stack_rows)
+    return PackedDataset(ds, names, [float(w) for w in weights], local)
