@@ -1,0 +1,160 @@
+"""AdamW, the paper's learning-rate schedules, weight-decay masking and trainable/frozen parameter groups.
+
+Parameters are addressed by their "/"-joined path in the model state, e.g. ``decoder/layers/mlp/gate/kernel``.
+A stage of the recipe trains a subset of the model (realign: the projector only; some CPT stages keep the
+vision tower frozen). Frozen parameters are split out of the differentiated state, so they get neither
+gradients nor optimizer moments (for the 15B model Adam moments alone are 120 GB in fp32).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+# Named groups. "decoder" is the transformer body (layers + final norm); the token embedding and the LM
+# head form their own group because stages treat them differently from the layers.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "all": ("*",),
+    "vision": ("vision/*",),
+    "projector": ("projector/*",),
+    "decoder": ("decoder/layers/*", "decoder/norm/*"),
+    "embeddings": ("decoder/embed", "decoder/lm_head/*"),
+}
+
+# Never decayed: norm scales and biases (decaying them only shrinks a per-channel gain or offset).
+NO_DECAY = ("*/scale", "*/bias")
+EMBEDDING = ("decoder/embed",)
+
+
+# ----------------------------------------------------------------------------------------- schedules
+
+
+def linear_decay(peak_lr: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+    """Linear warm-up from 0 to ``peak_lr`` over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+    if total_steps < 1 or not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) < total_steps ({total_steps})")
+    decay = optax.linear_schedule(peak_lr, 0.0, total_steps - warmup_steps)
+    if warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, peak_lr, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def cosine(peak_lr: float, total_steps: int, warmup_fraction: float = 0.1,
+           final_lr_fraction: float = 0.0) -> optax.Schedule:
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to ``final_lr_fraction * peak``."""
+    if total_steps < 1 or not 0.0 <= warmup_fraction < 1.0:
+        raise ValueError(f"need total_steps >= 1 and 0 <= warmup_fraction < 1, got {total_steps}, {warmup_fraction}")
+    warmup_steps = int(round(warmup_fraction * total_steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps, decay_steps=total_steps,
+        end_value=final_lr_fraction * peak_lr,
+    )
+
+
+# ------------------------------------------------------------------------------------------ paths
+
+
+def path_name(path) -> str:
+    """"/"-joined name of a parameter from an nnx path (tuple of keys) or a jax key path."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            if key.name != "value":  # the Variable's payload, not part of the parameter name
+                parts.append(key.name)
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def expand_patterns(patterns: Sequence[str]) -> tuple[str, ...]:
+    """Group names replaced by their globs; anything else is taken as a glob over "/"-joined paths."""
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    out: list[str] = []
+    for p in patterns:
+        out.extend(GROUPS.get(p, (p,)))
+    return tuple(out)
+
+
+def matches(name: str, globs: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def trainable_filter(patterns: Sequence[str]) -> Callable:
+    """An nnx filter ``(path, variable) -> bool`` selecting parameters matched by groups or globs."""
+    globs = expand_patterns(patterns)
+
+    def select(path, variable) -> bool:
+        return isinstance(variable, nnx.Param) and matches(path_name(path), globs)
+
+    return select
+
+
+def split_trainable(state: nnx.State, patterns: Sequence[str]) -> tuple[nnx.State, nnx.State]:
+    """(trainable, frozen) parts of a model state. Each pattern must match something: a typo in a stage
+    config would otherwise silently freeze the whole model."""
+    names = [path_name(p) for p, _ in nnx.to_flat_state(state)]
+    for p in (patterns,) if isinstance(patterns, str) else patterns:
+        if not any(matches(n, expand_patterns([p])) for n in names):
+            raise ValueError(f"trainable pattern {p!r} matches no parameter; groups: {sorted(GROUPS)}, "
+                             f"or a glob over paths like {names[0]!r}")
+    trainable, frozen = nnx.split_state(state, trainable_filter(patterns), ...)
+    return trainable, frozen
+
+
+# ------------------------------------------------------------------------------------- optimizer
+
+
+def weight_decay_mask(params, *, decay_embeddings: bool = False):
+    """Tree of bools like ``params``: True where weight decay applies."""
+    excluded = NO_DECAY + (() if decay_embeddings else EMBEDDING)
+    return jax.tree_util.tree_map_with_path(lambda path, _: not matches(path_name(path), excluded), params)
+
+
+class Optimizer(NamedTuple):
+    """``tx`` produces unit-learning-rate AdamW updates; the step multiplies them by ``schedule(step)``.
+
+    Keeping the learning rate outside optax makes it a function of the train state's step counter (which
+    also advances on skipped non-finite steps) and lets the step report exactly the rate it applied.
+    """
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+    def init(self, params):
+        return self.tx.init(params)
+
+    def update(self, grads, opt_state, params, step):
+        """(param updates already scaled by -lr, new opt state, lr)."""
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        lr = jnp.asarray(self.schedule(step), jnp.float32)
+        return jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates), opt_state, lr
+
+
+def make_optimizer(schedule: optax.Schedule | float, *, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+                   weight_decay: float = 0.1, clip_norm: float | None = 1.0,
+                   decay_embeddings: bool = False) -> Optimizer:
+    """AdamW (decoupled weight decay) with global-norm clipping of the gradients before the moments."""
+    if not callable(schedule):
+        schedule = optax.constant_schedule(float(schedule))
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    parts.append(optax.adamw(
+        learning_rate=1.0, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+        mask=lambda params: weight_decay_mask(params, decay_embeddings=decay_embeddings),
+    ))
+    return Optimizer(optax.chain(*parts), schedule)
+
+
+def count_moments(opt_state) -> int:
+    """Number of scalars in the optimizer state (moments dominate; step counters are a few scalars)."""
+    return sum(int(x.size) for x in jax.tree.leaves(opt_state))
