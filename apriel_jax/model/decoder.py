@@ -13,6 +13,7 @@ from apriel_jax.model.attention import SelfAttention
 from apriel_jax.model.layers import GatedMLP, Linear, RMSNorm, logical_param, normal_init
 from apriel_jax.model.rope import text_angles
 from apriel_jax.model.stack import make_stack, scan_stack
+from apriel_jax.parallel.rules import ACTIVATION_AXES, constrain
 
 
 class KVCache(NamedTuple):
@@ -45,10 +46,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, **kw)
 
     def __call__(self, x, angles, segment_ids, kv_cache=None):
+        x = constrain(x, ACTIVATION_AXES)
         attn_out, new_kv = self.attn(self.input_norm(x), angles, segment_ids, kv_cache)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x))
-        return x, new_kv
+        return constrain(x, ACTIVATION_AXES), new_kv
 
 
 class Decoder(nnx.Module):

@@ -13,6 +13,9 @@ from typing import Any, Callable
 
 import jax
 from flax import nnx
+from jax.sharding import PartitionSpec
+
+from apriel_jax.parallel.rules import constrain
 
 _POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -43,11 +46,18 @@ def scan_stack(
 ):
     """Run ``body(layer, carry, x) -> (carry, y)`` over the first ``num_layers`` layers of ``stack``."""
     graphdef, state = nnx.split(stack)
+    # Logical axes of one layer's parameters (the stacked arrays' axes minus the leading "layers").
+    layer_axes = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(state),
+                              is_leaf=lambda x: isinstance(x, PartitionSpec))
     if num_layers is not None:
         state = jax.tree.map(lambda a: a[:num_layers], state)
 
     def step(carry, layer_and_x):
         layer_state, x = layer_and_x
+        # Sharding hints inside the loop: each layer's parameters stay sharded (FSDP gathers them per
+        # layer) and so do their gradients, which XLA otherwise accumulates replicated across the scan.
+        layer_state = jax.tree.map(constrain, layer_state, layer_axes,
+                                   is_leaf=lambda x: isinstance(x, tuple))
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
     if remat_policy != "none":

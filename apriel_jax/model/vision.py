@@ -15,6 +15,7 @@ from apriel_jax.model.attention import SelfAttention
 from apriel_jax.model.layers import GatedMLP, Linear, RMSNorm
 from apriel_jax.model.rope import pixtral_angles
 from apriel_jax.model.stack import make_stack, scan_stack
+from apriel_jax.parallel.rules import ACTIVATION_AXES, constrain
 
 
 class VisionLayer(nnx.Module):
@@ -28,8 +29,9 @@ class VisionLayer(nnx.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, **kw)
 
     def __call__(self, x, angles, segment_ids):
+        x = constrain(x, ACTIVATION_AXES)
         x = x + self.attn(self.attention_norm(x), angles, segment_ids)[0]
-        return x + self.mlp(self.ffn_norm(x))
+        return constrain(x + self.mlp(self.ffn_norm(x)), ACTIVATION_AXES)
 
 
 class VisionEncoder(nnx.Module):

@@ -6,6 +6,7 @@ mesh. Changing a parallelism strategy is editing this table, not the model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable, Sequence
 
@@ -80,3 +81,33 @@ def rules_from_config(entries: Iterable[Sequence] | None):
     for name, target in entries:
         out.append((name, tuple(target) if isinstance(target, (list, tuple)) else target))
     return tuple(out)
+
+
+# The residual stream [B, S, E]: rows over the batch axes; sequence and width replicated.
+ACTIVATION_AXES = ("batch", None, None)
+
+_active_rules = [DEFAULT_RULES]
+
+
+@contextlib.contextmanager
+def use_rules(rules):
+    """Make ``rules`` the table that :func:`constrain` uses while tracing inside this context."""
+    _active_rules.append(tuple(rules))
+    try:
+        yield
+    finally:
+        _active_rules.pop()
+
+
+def constrain(x, axes: Sequence[str | None]):
+    """Pin ``x`` to the sharding its logical ``axes`` map to on the mesh being traced under, if any.
+
+    Model code calls this at the few places where XLA's sharding propagation needs a hint (scanned
+    layer parameters and their gradients, the residual stream). Without an active mesh (``jax.set_mesh``)
+    it is the identity, so the model runs unchanged on one device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(tuple(axes), mesh, _active_rules[-1])
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -15,13 +15,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from apriel_jax.parallel.rules import ACTIVATION_AXES, constrain
+
 
 def _chunk_losses(h, kernel, targets, mask, compute_dtype):
     """Per-chunk sums: (token loss, z-loss term). h [B, C, E], targets/mask [B, C]."""
+    h = constrain(h, ACTIVATION_AXES)
     logits = jnp.einsum(
         "bce,ev->bcv", h.astype(compute_dtype), kernel.astype(compute_dtype),
         preferred_element_type=jnp.float32,
     )
+    # Rows stay on their batch shards and the vocabulary on the tensor axis: without this hint XLA may
+    # gather a whole-batch chunk of logits onto every device.
+    logits = constrain(logits, ("batch", None, "vocab"))
     lse = jax.nn.logsumexp(logits, axis=-1)
     # One-hot contraction instead of a gather: it stays local when the vocabulary axis is sharded.
     target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)

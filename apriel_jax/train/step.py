@@ -179,8 +179,11 @@ def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = Non
                 f"{degree} devices of mesh axes {batch_spec[0] if len(batch_spec) else ()} "
                 f"(data x fsdp); the batch size must be a multiple of {accum * degree}"
             )
-        return jitted(state, batch)
+        # Traced under the mesh so the model's sharding hints (parallel.rules.constrain) can see it.
+        with jax.set_mesh(mesh):
+            return jitted(state, batch)
 
     step.jitted = jitted
+    step.mesh = mesh
     step.shardings = shardings
     return step

@@ -1,0 +1,80 @@
+"""Ahead-of-time compilation for TPU topologies from a CPU host (needs ``libtpu`` installed).
+
+``jax.experimental.topologies`` describes a TPU slice (e.g. ``v5p:4x4x4``, 64 chips) without any TPU
+attached; jitting against ShapeDtypeStructs sharded over a mesh of those devices and compiling yields
+the real XLA:TPU program, its per-chip memory use and its cost analysis. This is how a pod-sized
+configuration is checked for fit (HBM) and for sharding mistakes before it ever reaches a pod.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from apriel_jax.parallel.mesh import MESH_AXES, resolve_degrees
+
+# HBM per chip in bytes (vendor figures), by topology-name prefix.
+HBM_PER_CHIP = {"v4": 32e9, "v5e": 16e9, "v5litepod": 16e9, "v5p": 95e9, "v6e": 32e9}
+
+
+def topology_devices(topology: str, *, num_slices: int = 1, chips_per_host_bounds=(2, 2, 1)):
+    """The devices of a TPU topology such as ``"v5p:4x4x4"`` or ``"v5e:16x16"`` (no TPU needed)."""
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=topology, chip_config_name="default",
+            chips_per_host_bounds=chips_per_host_bounds, num_slices=num_slices,
+        )
+    except Exception as e:  # libtpu missing or an unknown topology name
+        raise RuntimeError(f"cannot describe TPU topology {topology!r} (is libtpu installed?): {e}") from e
+    return list(desc.devices)
+
+
+def topology_mesh(topology: str, degrees: dict[str, int], *, num_slices: int = 1) -> Mesh:
+    """A mesh with axes data/fsdp/tensor/sequence over a described TPU topology."""
+    devices = topology_devices(topology, num_slices=num_slices)
+    resolved = resolve_degrees(degrees, len(devices))
+    array = np.asarray(devices, dtype=object).reshape(tuple(resolved[a] for a in MESH_AXES))
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def hbm_per_chip(topology: str) -> float | None:
+    generation = topology.split(":")[0]
+    return HBM_PER_CHIP.get(generation)
+
+
+@dataclass
+class CompileReport:
+    topology: str
+    chips: int
+    argument_bytes: int  # per chip: parameters, optimizer state, batch shards
+    output_bytes: int
+    temp_bytes: int  # per chip: activations and scratch
+    alias_bytes: int  # donated inputs reused as outputs (counted once)
+    flops: float | None  # per chip, from XLA's cost analysis
+    compile_seconds: float
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    def fits(self) -> bool | None:
+        hbm = hbm_per_chip(self.topology)
+        return None if hbm is None else self.peak_bytes <= hbm
+
+
+def report(compiled, topology: str, chips: int, compile_seconds: float) -> CompileReport:
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    return CompileReport(
+        topology=topology, chips=chips,
+        argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
+        flops=float(flops) if flops is not None else None, compile_seconds=compile_seconds,
+    )
