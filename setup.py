@@ -61,6 +61,8 @@ INSTALL_REQUIRES = [
     "mistral-common[opencv]>=1.13.1,<2",
     "tokenizers>=0.22,<0.24",
     "matplotlib>=3.8",
+    # TensorBoard event files without tensorflow.
+    "tensorboardX>=2.6.5,<3",
 ]
 
 NOTEBOOK_KERNEL_REQUIRES = [

@@ -1,4 +1,4 @@
-"""The ``apriel-jax`` command line: ``demo``, ``convert``, ``generate``.
+"""The ``apriel-jax`` command line: ``demo``, ``convert``, ``generate``, ``data``.
 
 Heavy imports (jax, flax, transformers) happen inside the subcommand handlers, so ``--help`` is fast
 and a typo in the arguments is reported before anything is loaded.
@@ -46,6 +46,24 @@ checkpoint formats:
 Tokenizer, chat template and processor files next to the weights are carried along.
 """
 
+_DATA_EPILOG = """\
+sources:
+  JSONL files of {"text": ...} or {"messages": [...], "tools"?: [...]} records (image parts as
+  {"type": "image", "path": REL} relative to the file, or inline "image_base64"), or a directory
+  written by `apriel-jax data prepare` (ArrayRecord shards + manifest.json).
+examples:
+  apriel-jax data prepare apriel_jax/data/demo_data/*.jsonl --out /tmp/demo_ar
+  apriel-jax data inspect /tmp/demo_ar --seq-len 1024 --rows 2
+"""
+
+_INSPECT_EPILOG = _DATA_EPILOG + """\
+output:
+  Each packed row is printed document by document ("|" starts a document, with its source).
+  Text is decoded with special tokens shown; loss targets are wrapped in «...»; an image block
+  is shown as <image ROWSxCOLS> (its patch grid). Then packing efficiency (real tokens and patches
+  over the rows' capacity) and the converter's counters.
+"""
+
 _GENERATE_EPILOG = """\
 The prompt is <s>, then each --image in order (Pixtral's [IMG]/[IMG_BREAK]/[IMG_END] layout), then
 the --prompt text. No chat template is applied yet, so instruction-tuned checkpoints see raw text.
@@ -78,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="apriel-jax", formatter_class=fmt,
-        description="Apriel-1.5 / Pixtral in JAX: demo run, checkpoint conversion, generation.",
+        description="Apriel-1.5 / Pixtral in JAX: demo run, checkpoint conversion, generation, data tools.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     # Subcommands accept --debug too; SUPPRESS keeps their unset default from hiding the top-level one.
@@ -154,7 +172,57 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", type=_dtype_name, metavar="DTYPE",
                      help="compute and parameter dtype (default: the checkpoint's)")
     gen.set_defaults(handler=_run_generate)
+    _add_data_parser(commands, debug, fmt)
+    from apriel_jax.cli_train import add_parsers as _add_train_parsers  # train, plot (light imports)
+
+    _add_train_parsers(commands, debug, fmt)
     return parser
+
+
+def _add_data_parser(commands, debug, fmt) -> None:
+    from apriel_jax.data.chat import MODES  # light: no jax
+
+    data = commands.add_parser(
+        "data", formatter_class=fmt, epilog=_DATA_EPILOG,
+        help="prepare ArrayRecord shards from JSONL, inspect packed training rows",
+        description="Training data tools: convert JSONL (+ images) to ArrayRecord, look at packed rows.",
+    )
+    actions = data.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    prepare = actions.add_parser(
+        "prepare", parents=[debug], formatter_class=fmt, epilog=_DATA_EPILOG,
+        help="JSONL files (+ the images they reference) -> self-contained ArrayRecord shards",
+        description="Convert JSONL files into ArrayRecord shards with images embedded as base64,\n"
+                    "plus manifest.json listing the shards and their record counts.")
+    prepare.add_argument("jsonl", nargs="+", metavar="JSONL", help="input JSONL files, read in order")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="output directory (created if needed)")
+    prepare.add_argument("--records-per-shard", type=int, default=10_000, metavar="N",
+                         help="records per shard (default: 10000)")
+    prepare.add_argument("--skip-bad-lines", action="store_true",
+                         help="leave out lines that are not valid records (default: stop at the first)")
+    prepare.set_defaults(handler=_run_data_prepare)
+
+    inspect = actions.add_parser(
+        "inspect", parents=[debug], formatter_class=fmt, epilog=_INSPECT_EPILOG,
+        help="tokenize, pack and print a few training rows from JSONL files or an ArrayRecord directory",
+        description="Read records, turn them into documents as training would (RecordToDocument), pack\n"
+                    "the first few rows and print them decoded, with packing efficiency and counters.")
+    inspect.add_argument("sources", nargs="+", metavar="SOURCE",
+                         help="JSONL file or `data prepare` output directory; records are taken from the "
+                              "sources in turn")
+    inspect.add_argument("--tokenizer", default="pixtral", metavar="PATH",
+                         help="tokenizer file or directory, or 'pixtral' for the Tekken tokenizer shipped "
+                              "with mistral-common (default)")
+    inspect.add_argument("--seq-len", type=int, default=512, metavar="S", help="tokens per row (default: 512)")
+    inspect.add_argument("--patch-budget", type=int, default=256, metavar="P",
+                         help="image patches per row; larger images are downscaled to fit (default: 256)")
+    inspect.add_argument("--longest-edge", type=int, default=1024, metavar="PIXELS",
+                         help="resize images so their longest side is at most this (default: 1024)")
+    inspect.add_argument("--rows", type=int, default=3, metavar="N", help="rows to print (default: 3)")
+    inspect.add_argument("--format", default="apriel", choices=MODES, help="chat format (default: apriel)")
+    inspect.add_argument("--loss", default="responses", choices=("responses", "all"),
+                         help="chat loss: assistant turns only, or every token (default: responses)")
+    inspect.set_defaults(handler=_run_data_inspect)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,6 +318,110 @@ def _run_generate(args, overrides: list[str]) -> int:
     return 0
 
 
+def _run_data_prepare(args, overrides: list[str]) -> int:
+    from apriel_jax.data.sources import prepare_array_record
+
+    if args.records_per_shard < 1:
+        raise UsageError(f"--records-per-shard must be >= 1, got {args.records_per_shard}")
+    start = time.perf_counter()
+    manifest = prepare_array_record(args.jsonl, args.out, records_per_shard=args.records_per_shard,
+                                    on_error="skip" if args.skip_bad_lines else "raise")
+    for shard in manifest["shards"]:
+        print(f"  {Path(args.out) / shard['path']}: {shard['records']} records")
+    skipped = f", {manifest['skipped']} bad lines skipped" if manifest["skipped"] else ""
+    print(f"data prepare: {manifest['records']} records in {len(manifest['shards'])} shard(s){skipped} -> "
+          f"{args.out} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def _inspect_source(path: str):
+    from apriel_jax.data.sources import ArrayRecordSource, JsonlSource, array_record_paths
+
+    if Path(path).is_dir():
+        if not (Path(path) / "manifest.json").is_file():
+            raise FileNotFoundError(f"{path}: a directory source needs the manifest.json of `data prepare`")
+        return ArrayRecordSource(array_record_paths(path))
+    return JsonlSource(path)
+
+
+def _run_data_inspect(args, overrides: list[str]) -> int:
+    from apriel_jax.data.images import ImageConfig
+    from apriel_jax.data.packing import Packer, PackingConfig
+    from apriel_jax.data.records import RecordToDocument
+
+    for flag, value, least in (("--seq-len", args.seq_len, 2), ("--patch-budget", args.patch_budget, 1),
+                               ("--rows", args.rows, 1), ("--longest-edge", args.longest_edge, 1)):
+        if value < least:
+            raise UsageError(f"{flag} must be >= {least}, got {value}")
+    sources = [(Path(p).stem if not Path(p).is_dir() else Path(p).name, _inspect_source(p)) for p in args.sources]
+    image_cfg = ImageConfig(longest_edge=args.longest_edge)
+    convert = RecordToDocument(args.tokenizer, mode=args.format, loss=args.loss, image_cfg=image_cfg,
+                               patch_budget=args.patch_budget)
+    tok = convert.tokenizer  # load now: a bad path fails before any record is read
+    cfg = PackingConfig(seq_len=args.seq_len, patch_budget=args.patch_budget,
+                        patch_dim=image_cfg.patch_size ** 2 * 3, pad_id=tok.pad_id, image_too_large="skip",
+                        image_token_id=tok.image_id, image_break_id=tok.image_break_id,
+                        image_end_id=tok.image_end_id)
+    packer, rows = Packer(cfg), []
+    for name, record in _round_robin(sources):
+        doc = convert(record)
+        doc.source = name
+        rows += packer.add(doc)
+        if len(rows) >= args.rows:
+            break
+    else:
+        rows += packer.flush()
+    for i, row in enumerate(rows[:args.rows]):
+        print(f"=== row {i}: {row.num_tokens}/{cfg.seq_len} tokens, {row.num_patches}/{cfg.patch_budget} "
+              f"patches, {len(row.pieces)} documents")
+        for piece in row.pieces:
+            print(f"| [{piece.source}, {len(piece)} tokens, {piece.num_patches} patches] "
+                  + _render_document(piece, tok, cfg).replace("\n", "\n    "))
+    st = packer.stats
+    print(f"packing efficiency over {st.rows} rows: tokens {st.token_efficiency:.1%} ({st.tokens}/"
+          f"{st.tokens + st.padding_tokens}), patches {st.patch_efficiency:.1%} ({st.patches}/"
+          f"{st.patches + st.padding_patches})")
+    c = convert.counters()
+    print(f"records: {c['records']} read, {c['skipped_records']} skipped ({c['bad_images']} bad images, "
+          f"{c['oversize_skipped']} oversize); {c['downscaled_images']} images downscaled to fit; packer: "
+          f"{st.documents} documents, {st.split} split, {st.dropped} dropped, {st.skipped_images} images too "
+          f"large for a row")
+    return 0
+
+
+def _round_robin(sources):
+    """(name, record) taking one record from each source in turn until all are exhausted."""
+    longest = max(len(src) for _, src in sources)
+    for i in range(longest):
+        for name, src in sources:
+            if i < len(src):
+                yield name, src[i]
+
+
+def _render_document(doc, tok, cfg) -> str:
+    """Decoded text of a document: loss targets in «», images as <image ROWSxCOLS>."""
+    from apriel_jax.data.packing import image_blocks
+
+    blocks = image_blocks(doc, cfg)
+    out, i, k = [], 0, 0
+    while i < len(doc):
+        if k < len(blocks) and i == blocks[k][0]:
+            rows, cols = (doc.images[k].positions.max(axis=0) + 1).tolist()
+            out.append(f"<image {rows}x{cols}>")
+            i, k = blocks[k][1], k + 1
+            continue
+        # A run of text tokens with the same loss role, up to the next image block.
+        stop = blocks[k][0] if k < len(blocks) else len(doc)
+        target = doc.loss_mask[i] > 0
+        j = i + 1
+        while j < stop and (doc.loss_mask[j] > 0) == target:
+            j += 1
+        text = tok.decode(doc.tokens[i:j].tolist(), skip_special_tokens=False)
+        out.append(f"«{text}»" if target else text)
+        i = j
+    return "".join(out)
+
+
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
@@ -260,11 +432,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from apriel_jax.checkpoint.hf_config import ConfigError
     from apriel_jax.checkpoint.safetensors_io import CheckpointError
     from apriel_jax.data.images import ImageError
+    from apriel_jax.data.sources import DataError
     from apriel_jax.data.tokenizer import UnknownSpecialTokenError
     from apriel_jax.utils.config_cli import ConfigOverrideError, UnknownConfigKeyError
 
     return (UsageError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            ImageError, ConfigOverrideError, UnknownConfigKeyError, UnknownSpecialTokenError)
+            ImageError, ConfigOverrideError, UnknownConfigKeyError, UnknownSpecialTokenError, DataError)
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,0 +1,75 @@
+"""``apriel-jax train`` and ``apriel-jax plot`` (registered by ``cli.build_parser``).
+
+Exit codes of ``train``: 0 completed, 75 preempted by SIGTERM (checkpoint saved; rerun the same command
+to resume), 3 stopped after repeated non-finite steps (checkpoint saved), 2 bad config or overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+_TRAIN_EPILOG = """\
+config:
+  CONFIG is a Python file defining get_config() (PATH or PATH:ARG), e.g. configs/train/tiny_text.py,
+  built on apriel_jax.train.config.train_config(). Override any field after it:
+    apriel-jax train configs/train/tiny_text.py --config.run_dir=/tmp/run --config.steps=50
+    apriel-jax train configs/train/tiny_text.py --config.mesh.fsdp=2 --config.mesh.data=-1
+  A run directory with checkpoints is resumed from its latest one.
+
+exit codes:
+  0 completed; 75 preempted (SIGTERM: saved, rerun to resume); 3 diverged (non-finite steps: saved);
+  2 bad config.
+"""
+
+
+def add_parsers(commands, debug, fmt) -> None:
+    train = commands.add_parser(
+        "train", parents=[debug], formatter_class=fmt, epilog=_TRAIN_EPILOG,
+        help="train (or resume) from a run config",
+        description="Train a model from a run config; metrics go to RUN_DIR (metrics.jsonl, tensorboard/).")
+    train.add_argument("config", metavar="CONFIG", help="run config file (PATH or PATH:ARG)")
+    # REMAINDER: --config.x=y overrides are not argparse options; they are parsed by config_cli.
+    train.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--config.KEY=VALUE",
+                       help="config overrides")
+    train.set_defaults(handler=_run_train)
+
+    plot = commands.add_parser(
+        "plot", parents=[debug], formatter_class=fmt, help="plot loss / lr / grad-norm curves of a run",
+        description="Plot RUN_DIR/metrics.jsonl (train loss, eval loss, learning rate, gradient norm).")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="run directory (holds metrics.jsonl)")
+    plot.add_argument("--out", metavar="PNG", help="output image (default: RUN_DIR/curves.png)")
+    plot.set_defaults(handler=_run_plot)
+
+
+def _run_train(args, overrides: list[str]) -> int:
+    from apriel_jax.cli import UsageError
+    from apriel_jax.utils.config_cli import apply_overrides, load_config_file, split_overrides
+
+    extra, rest = split_overrides(args.overrides)
+    if rest:
+        raise UsageError(f"unexpected arguments {rest}; overrides look like --config.KEY=VALUE")
+    cfg = load_config_file(args.config)
+    apply_overrides(cfg, list(overrides) + extra)
+
+    from apriel_jax.train.config import EXIT_CODES
+    from apriel_jax.train.loop import train
+
+    try:
+        summary = train(cfg)
+    except ValueError as e:  # config problems found before training starts (batch vs mesh, sources, ...)
+        if type(e) is not ValueError:
+            raise
+        raise UsageError(str(e)) from None
+    print(f"train: {summary['status']} at step {summary['step']} (loss {summary['loss']}); "
+          f"run dir {summary['run_dir']}")
+    return EXIT_CODES[summary["status"]]
+
+
+def _run_plot(args, overrides: list[str]) -> int:
+    from pathlib import Path
+
+    from apriel_jax.train.plot import plot_run
+
+    out = plot_run(args.run_dir, args.out or Path(args.run_dir) / "curves.png")
+    print(f"plot: wrote {out}")
+    return 0

@@ -1,0 +1,244 @@
+"""The training loop: ``train(cfg) -> summary`` for a run config (``apriel_jax/train/config.py``).
+
+Resuming: when ``checkpoint.dir`` holds a checkpoint, the train state and the data iterator's state are
+restored from the latest one (onto the current mesh, whatever mesh saved it). The data pipeline is
+deterministic and the step is a pure function, so a resumed run continues bit-identically.
+
+Stopping early, always after saving a checkpoint at the step boundary (``summary["status"]`` and the
+``apriel-jax train`` exit code, see ``config.EXIT_CODES``):
+
+* ``preempted`` (75): SIGTERM only sets a flag; the step in flight finishes, then the run saves and
+  exits. Rerunning the same command resumes.
+* ``diverged`` (3): ``max_bad_steps`` consecutive steps had a non-finite loss or gradient. The step
+  already dropped those updates, so the saved parameters are the last finite ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from apriel_jax.model import create_model
+from apriel_jax.parallel.mesh import make_mesh
+from apriel_jax.parallel.rules import logical_to_spec
+from apriel_jax.train import inputs
+from apriel_jax.train.checkpointing import RunCheckpointer, abstract_like
+from apriel_jax.train.config import validate_train_config
+from apriel_jax.train.flops import train_step_flops
+from apriel_jax.train.loss import chunked_cross_entropy
+from apriel_jax.train.metrics import MetricsWriter, mfu, progress_line
+from apriel_jax.train.optimizer import cosine, linear_decay, make_optimizer
+from apriel_jax.train.step import init_train_state, lm_kernel, make_train_step
+from apriel_jax.utils.config_cli import config_to_json
+
+
+def checkpoint_dir(cfg) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
+
+
+def _check_batch(cfg, mesh) -> None:
+    """Fail before any model is built when the global batch cannot be split over the mesh."""
+    spec = logical_to_spec(("batch",), mesh)
+    entry = spec[0] if len(spec) else None
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    degree = math.prod(mesh.shape[n] for n in names)
+    need = degree * cfg.grad_accum_steps
+    if cfg.data.global_batch % need:
+        raise ValueError(
+            f"data.global_batch={cfg.data.global_batch} does not divide over the mesh: the batch is sharded "
+            f"over mesh axes {names} ({degree} devices) and split into grad_accum_steps={cfg.grad_accum_steps} "
+            f"micro-batches, so it must be a multiple of {need}")
+
+
+def _optimizer(cfg):
+    o = cfg.optimizer
+    if o.schedule == "cosine":
+        schedule = cosine(o.peak_lr, cfg.steps, o.warmup_fraction, o.final_lr_fraction)
+    else:
+        schedule = linear_decay(o.peak_lr, cfg.steps, int(round(o.warmup_fraction * cfg.steps)))
+    return make_optimizer(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                          clip_norm=o.clip_norm or None)
+
+
+def _model(cfg, mesh):
+    """(model config, model): random from ``init.seed`` or loaded from ``init.from_pretrained``. A resumed
+    run loads the pretrained weights too (simple; they are then replaced by the checkpoint's)."""
+    if cfg.init.from_pretrained:
+        from apriel_jax.checkpoint.pretrained import from_pretrained
+
+        model = from_pretrained(cfg.init.from_pretrained, mesh=mesh)
+        return model.config.as_configdict(), model
+    return cfg.model, create_model(cfg.model, seed=cfg.init.seed, mesh=mesh)
+
+
+def setup(cfg):
+    """Everything a run needs, with the train state restored from the latest checkpoint when there is one."""
+    validate_train_config(cfg)
+    mesh = make_mesh({k: int(v) for k, v in cfg.mesh.items()})
+    _check_batch(cfg, mesh)
+    ckpt = RunCheckpointer(checkpoint_dir(cfg), save_every=cfg.checkpoint.save_every,
+                           keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every or None,
+                           async_save=cfg.checkpoint.async_save)
+    resume_step = ckpt.latest_step()
+    model_cfg, model = _model(cfg, mesh)
+    trainable = tuple(cfg.trainable)
+    optimizer = _optimizer(cfg)
+    graphdef, state = init_train_state(model, optimizer, mesh=mesh, trainable=trainable)
+    del model
+    step_fn = make_train_step(model_cfg, graphdef, optimizer, mesh, trainable=trainable,
+                              grad_accum_steps=cfg.grad_accum_steps, chunk_size=cfg.chunk_size,
+                              z_loss_weight=cfg.z_loss_weight)
+    data_state, meta = None, {}
+    if resume_step is not None:
+        state, data_state, meta = ckpt.restore(abstract_like(state, step_fn.shardings), step=resume_step)
+    return SimpleNamespace(mesh=mesh, model_cfg=model_cfg, graphdef=graphdef, optimizer=optimizer, state=state,
+                           step_fn=step_fn, ckpt=ckpt, data_state=data_state or None, meta=meta,
+                           trainable=trainable)
+
+
+def make_eval_step(run):
+    """Jitted ``(params, frozen, batch) -> (loss_sum, tokens)``: its own executable, so evaluating never
+    retraces or recompiles the train step."""
+    sh = run.step_fn.shardings
+    batch_sh = NamedSharding(run.mesh, logical_to_spec(("batch",), run.mesh))
+    replicated = NamedSharding(run.mesh, PartitionSpec())
+    graphdef, compute = run.graphdef, jnp.dtype(run.model_cfg.dtype)
+
+    def eval_step(params, frozen, batch):
+        model = nnx.merge(graphdef, params, frozen)
+        hidden, _ = model.hidden_states(batch)
+        loss, count, _ = chunked_cross_entropy(hidden, lm_kernel(model), batch["targets"], batch["loss_mask"],
+                                               chunk_size=1024, compute_dtype=compute)
+        return loss, count
+
+    return jax.jit(eval_step, in_shardings=(sh.params, sh.frozen, batch_sh), out_shardings=replicated)
+
+
+def evaluate(cfg, run, eval_step) -> dict:
+    """Mean token loss over ``eval.batches`` batches; the same batches every time (fresh iterator)."""
+    sources = list(cfg.eval.sources) or list(cfg.data.sources)
+    it = iter(inputs.make_dataset(cfg, sources, cfg.eval.seed))
+    total = count = 0.0
+    try:
+        for _ in range(cfg.eval.batches):
+            batch = inputs.model_inputs(next(it), cfg.data.patch_budget)
+            loss, n = jax.device_get(eval_step(run.state.params, run.state.frozen, batch))
+            total, count = total + float(loss), count + float(n)
+    finally:
+        it.close()
+    return {"loss": total / max(count, 1.0), "tokens": count}
+
+
+class _Preemption:
+    """SIGTERM -> a flag read at step boundaries (the handler itself does nothing risky)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _meta(cfg, run, metrics: dict) -> dict:
+    return {"config": json.loads(config_to_json(cfg)), "model_config": json.loads(config_to_json(run.model_cfg)),
+            "metrics": {k: v for k, v in metrics.items() if v is not None}}
+
+
+def train(cfg) -> dict:
+    """Run (or resume) training; returns ``{"status", "step", "loss", "eval_loss", "run_dir", ...}``."""
+    run = setup(cfg)
+    it = iter(inputs.make_dataset(cfg, cfg.data.sources, cfg.data.seed))
+    if run.data_state is not None:
+        it.set_state(run.data_state)
+    writer = MetricsWriter(cfg.run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                           wandb_project=cfg.log.wandb_project, console=cfg.log.console,
+                           config=json.loads(config_to_json(cfg)))
+    eval_step = make_eval_step(run) if cfg.eval.every else None
+    devices = run.mesh.devices.flatten()
+    device_kind, platform = devices[0].device_kind, devices[0].platform
+    tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+    step = start = int(jax.device_get(run.state.step))
+    if step:
+        writer.print(f"resumed from {checkpoint_dir(cfg)} at step {step}")
+    status, bad, last, eval_loss, ema = "completed", 0, {}, None, None
+    try:
+        with _Preemption() as preemption:
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                batch = next(it)
+                wait = time.perf_counter() - t0
+                run.state, metrics = run.step_fn(run.state, inputs.model_inputs(batch, cfg.data.patch_budget))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                step += 1
+                if cfg.debug.step_sleep_s:
+                    time.sleep(cfg.debug.step_sleep_s)
+                # From fetching the batch to the step's results: excludes eval, logging and saving.
+                step_time = time.perf_counter() - t0
+                # The first step of a process includes compilation: keep it out of the ETA average.
+                ema = step_time if ema is None or step == start + 2 else 0.9 * ema + 0.1 * step_time
+                bad = bad + 1 if metrics["skipped"] else 0
+                flops = train_step_flops(run.model_cfg, batch=cfg.data.global_batch, seq_len=cfg.data.seq_len,
+                                         image_patch_counts=inputs.image_patch_counts(batch))
+                last = dict(metrics, step_time_s=step_time, data_wait_s=wait,
+                            tokens_per_s=tokens_per_step / step_time, eta_s=ema * (cfg.steps - step),
+                            mfu=mfu(flops, step_time, len(devices), device_kind))
+                if step % cfg.log.every == 0 or step == cfg.steps:
+                    writer.write(step, last)
+                    writer.print(progress_line(step, cfg.steps, last, platform=platform))
+                if eval_step is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
+                    eval_loss = evaluate(cfg, run, eval_step)["loss"]
+                    writer.write(step, {"loss": eval_loss}, split="eval")
+                    writer.print(f"step {step}: eval loss {eval_loss:.4f}")
+                if bad >= cfg.max_bad_steps:
+                    status = "diverged"
+                elif preemption.requested:
+                    status = "preempted"
+                stopping = status != "completed" or step == cfg.steps
+                run.ckpt.save(step, run.state, data_state=it.get_state(), meta=_meta(cfg, run, last),
+                              force=stopping)
+                if status != "completed":
+                    break
+        run.ckpt.wait()
+    finally:
+        it.close()
+        writer.close()
+        run.ckpt.close()
+    if status == "diverged":
+        writer.print(f"stopped at step {step}: {bad} consecutive steps had a non-finite loss or gradient "
+                     f"(updates dropped); checkpoint saved with the last finite parameters")
+    elif status == "preempted":
+        writer.print(f"preempted (SIGTERM) at step {step}: checkpoint saved; rerun the same command to resume")
+    return {"status": status, "step": step, "start_step": start, "loss": last.get("loss"),
+            "eval_loss": eval_loss, "run_dir": str(cfg.run_dir), "checkpoint_dir": str(checkpoint_dir(cfg))}
+
+
+def load_params(cfg, step: int | None = None) -> dict:
+    """{parameter path: numpy array} of a run's checkpoint (default: the latest), e.g. to compare runs."""
+    run = setup(cfg)
+    try:
+        state, _, _ = run.ckpt.restore(abstract_like(run.state, run.step_fn.shardings), step=step)
+    finally:
+        run.ckpt.close()
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in flat}
