@@ -33,6 +33,8 @@ def bench_small(vision: bool):
     d = cfg.decoder
     d.vocab_size, d.hidden_size, d.intermediate_size, d.num_layers = 32768, 512, 1536, 8
     d.num_heads, d.num_kv_heads, d.head_dim = 8, 2, 64
+    # Full remat is faster on XLA:CPU (memory traffic dominates): 7.1 s vs 8.0 s for fwd+bwd here.
+    cfg.remat_policy = "full"
     if vision:  # a small tower; the decoder is the same either way
         v = cfg.vision
         v.hidden_size, v.intermediate_size, v.num_layers, v.num_heads, v.head_dim = 512, 1536, 4, 8, 64
