@@ -52,10 +52,10 @@ def generate(workdir: Path, gb: float) -> Path:
     from apriel_jax.checkpoint.hf_config import to_hf_config
     from apriel_jax.checkpoint.keymap import expand, key_map
     from apriel_jax.checkpoint.safetensors_io import TensorSpec, write_safetensors_checkpoint
-    from apriel_jax.checkpoint.hf_import import _abstract_leaves
+    from apriel_jax.checkpoint.hf_import import abstract_leaves
 
     cfg = bench_config(gb)
-    leaves = _abstract_leaves(cfg)
+    leaves = abstract_leaves(cfg)
     layers = {"vision": cfg.vision.num_layers, "decoder": cfg.decoder.num_layers, "projector": 0}
     specs = []
     for index, (name, (m, _layer)) in enumerate(sorted(expand(key_map(cfg), layers).items())):

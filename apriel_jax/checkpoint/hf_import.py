@@ -62,7 +62,7 @@ def check_checkpoint(source: SafetensorsCheckpoint, cfg, layout: str | None = No
         )
         raise CheckpointError("\n".join(lines))
 
-    abstract = _abstract_leaves(cfg)
+    abstract = abstract_leaves(cfg)
     for name, (m, _) in expected.items():
         want = jax.eval_shape(m.to_ext, jax.ShapeDtypeStruct(_layer_shape(abstract[m.path], m), np.float32)).shape
         got = tuple(source.shape(name))
@@ -77,7 +77,8 @@ def check_checkpoint(source: SafetensorsCheckpoint, cfg, layout: str | None = No
     return layout
 
 
-def _abstract_leaves(cfg) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_leaves(cfg) -> dict[str, jax.ShapeDtypeStruct]:
+    """Parameter path -> ShapeDtypeStruct of a model with config ``cfg`` (no memory)."""
     out = {}
     jax.tree_util.tree_map_with_path(
         lambda p, x: out.__setitem__(param_path(p), x), nnx.state(abstract_model(cfg))

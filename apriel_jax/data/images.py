@@ -197,6 +197,18 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
 # ---------------------------------------------------------------------------
 
 
+def to_rgb(image: "ImageLike") -> Image.Image:
+    """A PIL RGB image from a PIL image of any mode or an HWC/HW array, with the same conversions and
+    checks (alpha over white, 16-bit scaling, zero size) that :func:`preprocess_image` applies."""
+    return _array_to_pil(image) if isinstance(image, np.ndarray) else _pil_to_rgb(image)
+
+
+def resize_like_preprocessing(image: Image.Image, size_hw: tuple[int, int], cfg: "ImageConfig") -> Image.Image:
+    """Resize an RGB image to (height, width) with the filter ``cfg`` names, as preprocessing does."""
+    height, width = size_hw
+    return image.resize((width, height), resample=_RESAMPLE[cfg.resample])
+
+
 def preprocess_image(image: ImageLike, cfg: ImageConfig = ImageConfig()) -> np.ndarray:
     """Decoded image -> float32 HWC normalised pixels, H and W multiples of ``cfg.patch_size``.
 

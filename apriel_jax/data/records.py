@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from .chat import ChatFormat
-from .images import _RESAMPLE, ImageConfig, ImageError, _pil_to_rgb, load_image, patch_grid, resized_size
+from .images import ImageConfig, ImageError, load_image, patch_grid, resize_like_preprocessing, resized_size, to_rgb
 from .sources import DataError
 from .tokenizer import Tokenizer, load_tokenizer, pixtral_tekken_path
 from .types import Document
@@ -201,7 +201,7 @@ class RecordToDocument:
         self.downscaled_images += 1
         # Resize exactly as preprocess_image(image, small) would (RGB first, same filter, to a patch
         # multiple), so ChatFormat's own preprocessing then sees a size it keeps unchanged.
-        return _pil_to_rgb(image).resize((out_w, out_h), resample=_RESAMPLE[cfg.resample])
+        return resize_like_preprocessing(to_rgb(image), (out_h, out_w), cfg)
 
 
 def _where(record: dict) -> str:
@@ -233,7 +233,5 @@ def _load(part: dict, record: dict) -> Image.Image:
     if isinstance(ref, Image.Image):
         return ref
     if isinstance(ref, np.ndarray):
-        from .images import _array_to_pil  # same validation preprocess_image applies to arrays
-
-        return _array_to_pil(ref)
+        return to_rgb(ref)  # same validation preprocess_image applies to arrays
     raise ImageError(f"image must be a path, bytes, base64, PIL image or array, got {type(ref).__name__}")
