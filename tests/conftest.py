@@ -42,6 +42,9 @@ def _configure_environment() -> None:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_WORKER_ID", "0")
+    # AOT tests describe TPU topologies through libtpu, which otherwise holds a machine-wide lock file:
+    # a second test run or a benchmark on the same machine would fail on it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 _configure_environment()

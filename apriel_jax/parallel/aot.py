@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import Mesh
 
-from apriel_jax.parallel.mesh import MESH_AXES, resolve_degrees
+from apriel_jax.parallel.mesh import make_mesh
 
 # HBM per chip in bytes (vendor figures), by topology-name prefix.
 HBM_PER_CHIP = {"v4": 32e9, "v5e": 16e9, "v5litepod": 16e9, "v5p": 95e9, "v6e": 32e9}
@@ -33,12 +32,14 @@ def topology_devices(topology: str, *, num_slices: int = 1, chips_per_host_bound
     return list(desc.devices)
 
 
-def topology_mesh(topology: str, degrees: dict[str, int], *, num_slices: int = 1) -> Mesh:
-    """A mesh with axes data/fsdp/tensor/sequence over a described TPU topology."""
+def topology_mesh(topology: str, degrees: dict[str, int], *, num_slices: int = 1,
+                  dcn_degrees: dict[str, int] | None = None) -> Mesh:
+    """A mesh with axes data/fsdp/tensor/sequence over a described TPU topology (``num_slices`` slices;
+    cross-slice degrees default to ``data`` = num_slices)."""
     devices = topology_devices(topology, num_slices=num_slices)
-    resolved = resolve_degrees(degrees, len(devices))
-    array = np.asarray(devices, dtype=object).reshape(tuple(resolved[a] for a in MESH_AXES))
-    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    if dcn_degrees is None and num_slices > 1:
+        dcn_degrees = {"data": num_slices}
+    return make_mesh(degrees, devices, dcn_degrees)
 
 
 def hbm_per_chip(topology: str) -> float | None:

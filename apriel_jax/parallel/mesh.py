@@ -1,4 +1,9 @@
-"""Device mesh from config: axes ``data``, ``fsdp``, ``tensor``, ``sequence``; one degree may be -1."""
+"""Device mesh from config: axes ``data``, ``fsdp``, ``tensor``, ``sequence``; one degree may be -1.
+
+Each axis has an in-slice (ICI) degree and optionally a cross-slice (DCN) degree; the mesh axis size is
+their product. Cross-slice links are much slower, so DCN degrees usually go on ``data`` (gradients are
+reduced once per step) and in-slice degrees on ``fsdp``/``tensor``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -33,14 +39,28 @@ def resolve_degrees(degrees: dict[str, int], num_devices: int) -> dict[str, int]
     return resolved
 
 
-def make_mesh(degrees: dict[str, int] | None = None, devices=None) -> Mesh:
+def make_mesh(degrees: dict[str, int] | None = None, devices=None, dcn_degrees: dict[str, int] | None = None) -> Mesh:
     """A mesh over ``devices`` (default: all) with GSPMD-style (Auto) axes.
 
-    Auto axis types: jax 0.10's ``make_mesh`` defaults to Explicit axes, under which scanned layer
-    carries fail to type-check against sharded parameters.
+    ``degrees`` are the in-slice degrees (one may be -1); ``dcn_degrees`` the cross-slice ones, whose
+    product must equal the number of slices. Auto axis types: jax 0.10's ``make_mesh`` defaults to
+    Explicit axes, under which scanned layer carries fail to type-check against sharded parameters.
     """
     devices = list(jax.devices() if devices is None else devices)
-    resolved = resolve_degrees(degrees or {"fsdp": -1}, len(devices))
-    shape = tuple(resolved[name] for name in MESH_AXES)
-    array = np.asarray(devices, dtype=object).reshape(shape)
+    dcn = {name: int((dcn_degrees or {}).get(name, 1)) for name in MESH_AXES}
+    if any(d < 1 for d in dcn.values()):
+        raise ValueError(f"cross-slice degrees must be >= 1, got {dcn}")
+    slices = math.prod(dcn.values())
+    if slices == 1:
+        resolved = resolve_degrees(degrees or {"fsdp": -1}, len(devices))
+        array = np.asarray(devices, dtype=object).reshape(tuple(resolved[name] for name in MESH_AXES))
+    else:
+        found = sorted({getattr(d, "slice_index", 0) for d in devices})
+        if len(found) != slices:
+            raise ValueError(f"cross-slice degrees {dcn} multiply to {slices}, but the devices span "
+                             f"{len(found)} slice(s)")
+        resolved = resolve_degrees(degrees or {"fsdp": -1}, len(devices) // slices)
+        array = mesh_utils.create_hybrid_device_mesh(
+            [resolved[name] for name in MESH_AXES], [dcn[name] for name in MESH_AXES], devices
+        )
     return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -2,8 +2,9 @@
 
 The ``test`` extra installs libtpu (for ahead-of-time TPU compiles on CPU). On a host without TPU chips,
 JAX's TPU plugin then probes cloud metadata and prints several lines of initialisation errors on
-every start. When no TPU device node exists we tell libtpu not to probe; on a real TPU VM (device
-nodes present) nothing is changed, and explicit user settings always win.
+every start, and its machine-wide lock file makes concurrent AOT compiles fail. When no TPU device
+node exists we tell libtpu not to probe and not to lock; on a real TPU VM (device nodes present)
+nothing is changed, and explicit user settings always win.
 """
 
 from __future__ import annotations
@@ -25,3 +26,7 @@ def quiet_libtpu_without_tpu() -> None:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_WORKER_ID", "0")
+    # libtpu takes a machine-wide lock file even when only describing topologies for ahead-of-time
+    # compiles; with no TPU to protect, two such processes (two test runs, a benchmark beside a test)
+    # must not fail on it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
