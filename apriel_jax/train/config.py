@@ -33,6 +33,8 @@ def train_config() -> ml_collections.ConfigDict:
     cfg.run_dir = "runs/train"  # checkpoints/, metrics.jsonl and tensorboard/ go here
     cfg.model = get_preset("tiny")
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
+    # Cross-slice (DCN) degrees for multi-slice TPU runs; their product is the number of slices.
+    cfg.mesh_dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1))
 
     cfg.data = ml_collections.ConfigDict(dict(
         sources=[source("text", "bytes_text")],

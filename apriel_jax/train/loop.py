@@ -85,7 +85,8 @@ def _model(cfg, mesh):
 def setup(cfg):
     """Everything a run needs, with the train state restored from the latest checkpoint when there is one."""
     validate_train_config(cfg)
-    mesh = make_mesh({k: int(v) for k, v in cfg.mesh.items()})
+    mesh = make_mesh({k: int(v) for k, v in cfg.mesh.items()},
+                     dcn_degrees={k: int(v) for k, v in cfg.mesh_dcn.items()})
     _check_batch(cfg, mesh)
     ckpt = RunCheckpointer(checkpoint_dir(cfg), save_every=cfg.checkpoint.save_every,
                            keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every or None,
