@@ -5,9 +5,14 @@ key fails). Config files (``configs/train/*.py``) start from :func:`train_config
 
 A data source is a plain dict ``{name, kind, paths, weight}``; ``kind`` is one of :data:`SOURCE_KINDS`:
 
-* ``jsonl`` / ``array_record``: record files (``{"text": ...}`` records are byte-tokenized);
+* ``jsonl`` / ``array_record``: record files: ``{"text": ...}`` records, and with ``data.tokenizer`` set
+  also chat records (``{"messages": [...]}``, images by path or inline base64);
 * ``bytes_text``: plain text files, one record per non-blank paragraph; no paths = a built-in text;
-* ``synthetic``: the synthetic VLM task mixture (needs a chat tokenizer; not wired into the loop yet).
+* ``synthetic``: the synthetic visual task mixture of CPT stage 2 (``paths`` unused; needs ``data.tokenizer``).
+
+Without ``data.tokenizer`` text is byte-tokenized (ids = bytes + 20), which needs no tokenizer file; with
+it (a tokenizer file/directory, or ``"pixtral"`` for the Tekken tokenizer mistral-common ships) records
+go through ``data.records.RecordToDocument`` with the ``data.chat_format`` and ``data.loss`` settings.
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ def train_config() -> ml_collections.ConfigDict:
         seed=0,
         worker_count=0,  # grain worker processes; must divide the per-process batch
         max_pending=8,
-        loss="all",  # text records: every token but the first of a document counts
+        loss="all",  # "all": every token but the first of a document counts; "responses": assistant turns only
+        tokenizer="",  # "" = byte-level text; else a tokenizer path or "pixtral"
+        chat_format="apriel",  # apriel | think | nothink (data.chat.ChatFormat modes)
     ))
 
     cfg.optimizer = ml_collections.ConfigDict(dict(
