@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -144,3 +145,19 @@ def test_batch_not_dividing_mesh_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"global_batch=6 does not divide over the mesh.*multiple of 8"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_repeated_non_finite_steps_stop_the_run_after_saving(tmp_path):
+    """An absurd learning rate blows the parameters up; every later step is non-finite and skipped, and
+    after max_bad_steps of them the run stops with status 'diverged' and a checkpoint on disk."""
+    cfg = make_cfg(tmp_path / "run", "--config.optimizer.peak_lr=1e30", "--config.optimizer.warmup_fraction=0.0",
+                   "--config.optimizer.clip_norm=1e30", "--config.max_bad_steps=2", "--config.eval.every=0",
+                   "--config.log.tensorboard=false")
+    summary = train(cfg)
+    assert summary["status"] == "diverged"
+    assert summary["step"] < STEPS
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["skipped"] for r in log if r.get("split", "train") == "train" and "skipped" in r]
+    assert skipped[-2:] == [1.0, 1.0]
+    params = load_params(cfg)  # the run saved before stopping
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
