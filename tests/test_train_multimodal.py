@@ -22,7 +22,7 @@ def test_chat_and_synthetic_visual_sources_train(tmp_path):
     cfg.data.sources = [source("sft", "jsonl", [str(DEMO / "chat_sft.jsonl")], 0.3),
                         source("captions", "jsonl", [str(DEMO / "multimodal.jsonl")], 0.3),
                         source("cpt2", "synthetic", (), 0.4)]
-    cfg.data.update(seq_len=384, patch_budget=256, global_batch=8, loss="responses")
+    cfg.data.update(seq_len=768, patch_budget=256, global_batch=8, loss="responses")
     # The packed batches really carry images: every [IMG] slot receives exactly one real patch.
     from apriel_jax.train import inputs
 
@@ -36,7 +36,7 @@ def test_chat_and_synthetic_visual_sources_train(tmp_path):
         patches += int(real_patches.sum())
     assert patches > 0
     cfg.steps = 3
-    cfg.eval.every = 0
+    cfg.eval.update(every=3, batches=1, counting_samples=4)
     cfg.log.tensorboard = False
     cfg.checkpoint.save_every = 3
     summary = train(cfg)
@@ -44,4 +44,6 @@ def test_chat_and_synthetic_visual_sources_train(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in log if r.get("split", "train") == "train" and "loss" in r]
     assert len(train_rows) == 3 and all(np.isfinite(r["loss"]) for r in train_rows)
+    eval_rows = [r for r in log if r.get("split") == "eval"]
+    assert eval_rows and 0.0 <= eval_rows[-1]["counting_accuracy"] <= 1.0
     assert tokenizer.image_id == cfg.model.image_token_id

@@ -77,6 +77,9 @@ def train_config() -> ml_collections.ConfigDict:
         batches=2,
         sources=[],  # held-out sources; empty = the training sources under eval.seed (NOT held out)
         seed=1234,
+        # Held-out synthetic counting questions answered by greedy generation at each evaluation
+        # (needs data.tokenizer and a patch budget); 0 = off.
+        counting_samples=0,
     ))
     cfg.log = ml_collections.ConfigDict(dict(
         every=1, tensorboard=True, wandb=False, wandb_project="apriel-jax", console=True,

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from apriel_jax.model import create_model
 from apriel_jax.parallel.mesh import make_mesh
+from apriel_jax.train.task_eval import CountingEval
 from apriel_jax.parallel.rules import logical_to_spec
 from apriel_jax.train import inputs
 from apriel_jax.train.checkpointing import RunCheckpointer, abstract_like
@@ -176,6 +177,11 @@ def train(cfg) -> dict:
                            wandb_project=cfg.log.wandb_project, console=cfg.log.console,
                            config=json.loads(config_to_json(cfg)))
     eval_step = make_eval_step(run) if cfg.eval.every else None
+    counting = None
+    if cfg.eval.every and cfg.eval.counting_samples:
+        if not cfg.data.tokenizer or not cfg.data.patch_budget:
+            raise ValueError("eval.counting_samples needs data.tokenizer and a data.patch_budget > 0")
+        counting = CountingEval(cfg, cfg.eval.counting_samples)
     devices = run.mesh.devices.flatten()
     device_kind, platform = devices[0].device_kind, devices[0].platform
     tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
@@ -209,8 +215,11 @@ def train(cfg) -> dict:
                     writer.print(progress_line(step, cfg.steps, last, platform=platform))
                 if eval_step is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
                     eval_loss = evaluate(cfg, run, eval_step)["loss"]
-                    writer.write(step, {"loss": eval_loss}, split="eval")
-                    writer.print(f"step {step}: eval loss {eval_loss:.4f}")
+                    scores = {"loss": eval_loss}
+                    if counting is not None:
+                        scores.update(counting(run.graphdef, run.state.params, run.state.frozen))
+                    writer.write(step, scores, split="eval")
+                    writer.print(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 if bad >= cfg.max_bad_steps:
                     status = "diverged"
                 elif preemption.requested:
