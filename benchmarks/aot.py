@@ -12,7 +12,6 @@ outputs; temp = activations and scratch) against the chip's HBM, the model FLOPs
 from __future__ import annotations
 
 import argparse
-import time
 
 from apriel_jax.utils.platform import quiet_libtpu_without_tpu
 

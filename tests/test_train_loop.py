@@ -6,7 +6,6 @@ inherit the 8 fake CPU devices from conftest's environment variables.
 """
 
 import json
-import os
 import signal
 import struct
 import subprocess

@@ -15,10 +15,11 @@ import pytest
 from flax import nnx
 
 from apriel_jax.model import create_model, get_preset
+from apriel_jax.model.factory import param_path
 from apriel_jax.parallel.mesh import make_mesh
 from apriel_jax.train.loss import chunked_cross_entropy
 from apriel_jax.train.optimizer import (
-    Optimizer, cosine, linear_decay, make_optimizer, path_name, split_trainable, trainable_filter, weight_decay_mask,
+    Optimizer, cosine, linear_decay, make_optimizer, split_trainable, trainable_filter, weight_decay_mask,
 )
 from apriel_jax.train.step import init_train_state, make_train_step, single_device_mesh
 
@@ -58,7 +59,7 @@ def make_batch(cfg, seed=0, rows=B):
 
 def host(tree):
     """Flat {path: numpy array} copy (taken before a donating step frees the buffers)."""
-    return {path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    return {param_path(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def assert_trees_close(got, want, tol):
@@ -166,7 +167,7 @@ def test_schedules_at_key_steps():
 
 def test_groups_weight_decay_mask_and_typos(model):
     state = nnx.state(model)
-    names = lambda tree: {path_name(p) for p, _ in nnx.to_flat_state(tree)}  # noqa: E731
+    names = lambda tree: {param_path(p) for p, _ in nnx.to_flat_state(tree)}  # noqa: E731
     decoder, _ = split_trainable(state, ["decoder"])
     assert "decoder/norm/scale" in names(decoder) and "decoder/layers/mlp/gate/kernel" in names(decoder)
     assert not names(decoder) & {"decoder/embed", "decoder/lm_head/kernel"}

@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 
 from apriel_jax.checkpoint.hf_config import to_hf_config
-from apriel_jax.checkpoint.hf_import import param_path
 from apriel_jax.checkpoint.keymap import key_map
+from apriel_jax.model.factory import param_path
 from apriel_jax.checkpoint.safetensors_io import TensorSpec, write_safetensors_checkpoint
 
 # Files that travel with the weights when the source checkpoint had them. An orbax model directory

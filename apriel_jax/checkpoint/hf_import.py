@@ -15,22 +15,12 @@ from jax.sharding import Mesh
 
 from apriel_jax.checkpoint.keymap import TensorMap, detect_layout, expand, key_map
 from apriel_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from apriel_jax.model.factory import abstract_model, state_shardings
+from apriel_jax.model.factory import abstract_model, param_path, state_shardings
 from apriel_jax.parallel.rules import DEFAULT_RULES
 
 # Buffers some exporters save that carry no learned weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _FLOAT_KINDS = ("f",)
-
-
-def param_path(keypath) -> str:
-    """'decoder/layers/attn/q/kernel' from a jax key path into an nnx.State (drops the '.value')."""
-    parts = []
-    for key in keypath:
-        name = getattr(key, "key", getattr(key, "name", None))
-        if name != "value":
-            parts.append(str(name))
-    return "/".join(parts)
 
 
 def _expected_tensors(cfg, layout: str):

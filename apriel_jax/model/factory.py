@@ -11,6 +11,23 @@ from apriel_jax.model.layers import count_params
 from apriel_jax.parallel.rules import DEFAULT_RULES, tree_shardings
 
 
+def param_path(path) -> str:
+    """"/"-joined parameter name (``decoder/layers/attn/q/kernel``) from an nnx path (tuple of keys) or a
+    jax key path into an nnx.State; the Variable's ``.value`` is not part of the name."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            if key.name != "value":
+                parts.append(key.name)
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
 def abstract_model(cfg) -> AprielModel:
     """The model with ShapeDtypeStructs instead of arrays: shapes, dtypes, logical axes, no memory."""
     return nnx.eval_shape(lambda: AprielModel(cfg, rngs=nnx.Rngs(0)))

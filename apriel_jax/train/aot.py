@@ -11,7 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from apriel_jax.model import abstract_model
 from apriel_jax.parallel.aot import CompileReport, report, topology_mesh

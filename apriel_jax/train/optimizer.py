@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from apriel_jax.model.factory import param_path
+
 # Named groups. "decoder" is the transformer body (layers + final norm); the token embedding and the LM
 # head form their own group because stages treat them differently from the layers.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -57,25 +59,6 @@ def cosine(peak_lr: float, total_steps: int, warmup_fraction: float = 0.1,
     )
 
 
-# ------------------------------------------------------------------------------------------ paths
-
-
-def path_name(path) -> str:
-    """"/"-joined name of a parameter from an nnx path (tuple of keys) or a jax key path."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            if key.name != "value":  # the Variable's payload, not part of the parameter name
-                parts.append(key.name)
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
 def expand_patterns(patterns: Sequence[str]) -> tuple[str, ...]:
     """Group names replaced by their globs; anything else is taken as a glob over "/"-joined paths."""
     if isinstance(patterns, str):
@@ -95,7 +78,7 @@ def trainable_filter(patterns: Sequence[str]) -> Callable:
     globs = expand_patterns(patterns)
 
     def select(path, variable) -> bool:
-        return isinstance(variable, nnx.Param) and matches(path_name(path), globs)
+        return isinstance(variable, nnx.Param) and matches(param_path(path), globs)
 
     return select
 
@@ -103,7 +86,7 @@ def trainable_filter(patterns: Sequence[str]) -> Callable:
 def split_trainable(state: nnx.State, patterns: Sequence[str]) -> tuple[nnx.State, nnx.State]:
     """(trainable, frozen) parts of a model state. Each pattern must match something: a typo in a stage
     config would otherwise silently freeze the whole model."""
-    names = [path_name(p) for p, _ in nnx.to_flat_state(state)]
+    names = [param_path(p) for p, _ in nnx.to_flat_state(state)]
     for p in (patterns,) if isinstance(patterns, str) else patterns:
         if not any(matches(n, expand_patterns([p])) for n in names):
             raise ValueError(f"trainable pattern {p!r} matches no parameter; groups: {sorted(GROUPS)}, "
@@ -118,7 +101,7 @@ def split_trainable(state: nnx.State, patterns: Sequence[str]) -> tuple[nnx.Stat
 def weight_decay_mask(params, *, decay_embeddings: bool = False):
     """Tree of bools like ``params``: True where weight decay applies."""
     excluded = NO_DECAY + (() if decay_embeddings else EMBEDDING)
-    return jax.tree_util.tree_map_with_path(lambda path, _: not matches(path_name(path), excluded), params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: not matches(param_path(path), excluded), params)
 
 
 class Optimizer(NamedTuple):
