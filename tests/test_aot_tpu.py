@@ -12,10 +12,8 @@ pytest.importorskip("libtpu")
 from apriel_jax.model import get_preset, param_count  # noqa: E402
 from apriel_jax.train.aot import compile_train_step  # noqa: E402
 from apriel_jax.train.optimizer import cosine, make_optimizer  # noqa: E402
-from isolation import isolated  # noqa: E402
 
 
-@isolated  # libtpu stays out of the main test process (see tests/isolation.py)
 def test_real_width_step_compiles_and_fits_v5p():
     cfg = get_preset("apriel_15b")
     cfg.decoder.num_layers = cfg.vision.num_layers = 2

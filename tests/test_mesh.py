@@ -3,7 +3,6 @@
 import pytest
 
 from apriel_jax.parallel.mesh import make_mesh, resolve_degrees
-from isolation import isolated
 
 
 def test_degrees_are_inferred_and_checked():
@@ -23,7 +22,6 @@ def test_cpu_mesh_and_a_cross_slice_request_without_slices():
         make_mesh({"fsdp": -1}, dcn_degrees={"data": 2})
 
 
-@isolated  # libtpu stays out of the main test process (see tests/isolation.py)
 def test_multi_slice_mesh_puts_the_dcn_axis_across_slices():
     pytest.importorskip("libtpu")
     from apriel_jax.parallel.aot import topology_devices, topology_mesh
@@ -36,7 +34,6 @@ def test_multi_slice_mesh_puts_the_dcn_axis_across_slices():
     assert dict(topology_mesh("v5e:2x2", {"fsdp": 4}, num_slices=2).shape)["data"] == 2
 
 
-@isolated
 def test_multi_slice_train_step_compiles():
     pytest.importorskip("libtpu")
     from apriel_jax.model import get_preset
