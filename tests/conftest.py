@@ -33,6 +33,13 @@ def _configure_environment() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     flags = re.sub(rf"{_DEVICE_COUNT_FLAG}=\S*", "", flags).strip()
     flags = f"{flags} {_DEVICE_COUNT_FLAG}={NUM_CPU_DEVICES}".strip()
+    # 8 fake devices share 2 cores: under load a device thread can wait at a collective longer than
+    # XLA:CPU's default terminate timeout, and XLA then aborts the whole process (seen in CI as
+    # "Fatal Python error: Aborted" inside a sharded train step). Waiting is fine; aborting is not.
+    for timeout_flag in ("--xla_cpu_collective_call_terminate_timeout_seconds",
+                         "--xla_cpu_collective_timeout_seconds"):
+        if timeout_flag not in flags:
+            flags = f"{flags} {timeout_flag}=1800"
     os.environ["XLA_FLAGS"] = flags
 
     os.environ["JAX_PLATFORMS"] = os.environ.get("APRIEL_TEST_JAX_PLATFORMS", "cpu")
