@@ -6,13 +6,26 @@ segment id, so no dense [S, S] mask is ever built by the caller. Fused kernels (
 splash, cuDNN) register further ``impl`` names; ``xla`` stays the reference every kernel is tested
 against.
 
+Implementations (registered by the modules of this package):
+
+- ``xla``: the oracle below; handles everything (decoding with ``q_offset``, sliding windows).
+- ``pallas``: our flash kernels, ``pallas_tpu`` (Mosaic) on TPU and ``pallas_gpu`` (Triton) elsewhere;
+  both names can also be asked for explicitly (on CPU they run in interpret mode).
+- ``splash``: jax's packaged TPU splash kernel (baseline; rejects head_dim 64).
+- ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU only).
+- ``auto``: TPU -> ``pallas``; GPU -> ``cudnn`` when it supports the call, else ``pallas``; CPU -> ``xla``.
+
+The fused kernels are training kernels: KV-cache decoding (a non-zero ``q_offset`` or Sq != Sk) always
+runs on ``xla`` whatever ``impl`` says; a sliding window makes an explicit fused impl raise ValueError
+(``auto`` falls back to ``xla``).
+
 Shapes: q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D] with Hq a multiple of Hkv (grouped-query attention:
 k/v are never repeated in memory).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +69,12 @@ def attention(
     """
     if q.shape[-2] % k.shape[-2]:
         raise ValueError(f"query heads ({q.shape[-2]}) must be a multiple of key/value heads ({k.shape[-2]})")
-    if impl == "auto":
+    import apriel_jax.kernels  # noqa: F401  (the package imports every kernel module, which registers it)
+
+    decoding = not (isinstance(q_offset, int) and q_offset == 0) or q.shape[1] != k.shape[1]
+    if decoding or (impl == "auto" and sliding_window):
         impl = "xla"
+    impl = resolve_impl(impl, q, k)
     try:
         fn = _IMPLEMENTATIONS[impl]
     except KeyError:
@@ -67,6 +84,35 @@ def attention(
         raise ValueError("sliding_window is only defined for causal attention")
     return fn(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset,
               sliding_window=sliding_window, scale=scale)
+
+
+def target_platform() -> str:
+    """The platform being compiled for: that of the mesh in context (``jax.set_mesh``), else the default
+    backend. A TPU topology mesh on a CPU host (ahead-of-time compiles) says "tpu"."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = getattr(device, "platform", None) or jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def _auto_impl(q: jax.Array, k: jax.Array) -> str:
+    backend = target_platform()
+    if backend == "tpu":
+        return "pallas_tpu"
+    if backend == "gpu":
+        from apriel_jax.kernels.cudnn import cudnn_supports
+
+        return "cudnn" if cudnn_supports(q, k) else "pallas_gpu"
+    return "xla"
+
+
+def resolve_impl(impl: str, q: jax.Array, k: jax.Array) -> str:
+    """The implementation name :func:`attention` would run for a training call (no decoding)."""
+    if impl == "auto":
+        return _auto_impl(q, k)
+    if impl == "pallas":
+        return "pallas_tpu" if target_platform() == "tpu" else "pallas_gpu"
+    return impl
 
 
 def attention_mask(q_segment_ids, kv_segment_ids, *, causal: bool, q_offset=0, sliding_window=0) -> jax.Array:
