@@ -1,6 +1,7 @@
 # apriel-jax developer entry points.
 #
-#   make quickstart   create .venv (if missing), install, run the CPU demo
+#   make quickstart   create .venv (if missing), install, run the main job: the demo pipeline
+#                     (the whole Apriel recipe on a tiny model, a few minutes on a CPU)
 #   make test         create .venv (if missing), install, run the test suite
 #   make install      create .venv (if missing) and `pip install -e '.[test]'`
 #
@@ -26,7 +27,7 @@ INSTALL_DEPS := setup.py $(wildcard setup.cfg) $(wildcard pyproject.toml) \
 .PHONY: quickstart test install venv clean-venv
 
 quickstart: install
-	$(VENV)/bin/apriel-jax demo
+	$(VENV)/bin/apriel-jax pipeline
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

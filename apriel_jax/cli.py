@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     from apriel_jax.cli_train import add_parsers as _add_train_parsers  # train, plot (light imports)
 
     _add_train_parsers(commands, debug, fmt)
+    from apriel_jax.cli_pipeline import add_parser as _add_pipeline_parser
+
+    _add_pipeline_parser(commands, debug, fmt)
+    from apriel_jax.cli_aot import add_parser as _add_aot_parser
+
+    _add_aot_parser(commands, debug, fmt)
     return parser
 
 
@@ -457,12 +463,12 @@ def _mark_absl_flags_parsed() -> None:
 
 
 def _split_demo_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Pull ``--config.x.y=V`` overrides out of a ``demo`` command line (only there: a generate
-    prompt that happens to look like ``config.a=b`` must stay a prompt)."""
+    """Pull ``--config.x.y=V`` overrides out of a ``demo`` or ``pipeline`` command line, whose config file
+    is optional (only there: a generate prompt that looks like ``config.a=b`` must stay a prompt)."""
     from apriel_jax.utils.config_cli import split_overrides
 
     command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if command_at is None or argv[command_at] != "demo":
+    if command_at is None or argv[command_at] not in ("demo", "pipeline", "aot"):
         return [], argv
     overrides, rest = split_overrides(argv[command_at + 1:])
     return overrides, argv[: command_at + 1] + rest
@@ -489,4 +495,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package module's main, not this __main__ copy: the subcommand modules raise
+    # apriel_jax.cli.UsageError, which must be the class main() catches.
+    from apriel_jax.cli import main as _package_main
+
+    sys.exit(_package_main())

@@ -1,7 +1,8 @@
 """``apriel-jax train`` and ``apriel-jax plot`` (registered by ``cli.build_parser``).
 
 Exit codes of ``train``: 0 completed, 75 preempted by SIGTERM (checkpoint saved; rerun the same command
-to resume), 3 stopped after repeated non-finite steps (checkpoint saved), 2 bad config or overrides.
+to resume), 3 stopped after repeated non-finite steps (checkpoint saved), 2 bad config or overrides,
+69 a process of a multi-process run never reached the coordinator (``parallel.distributed``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ config:
     apriel-jax train configs/train/tiny_text.py --config.mesh.fsdp=2 --config.mesh.data=-1
   A run directory with checkpoints is resumed from its latest one.
 
+multi-process (multi-host):
+  Start the same command in every process; the layout comes from SLURM, TPU metadata or
+  APRIEL_COORDINATOR_ADDRESS / APRIEL_NUM_PROCESSES / APRIEL_PROCESS_ID (or --config.distributed.*),
+  see launch/README.md.
+
 exit codes:
   0 completed; 75 preempted (SIGTERM: saved, rerun to resume); 3 diverged (non-finite steps: saved);
-  2 bad config.
+  2 bad config; 69 a process of a multi-process run never reached the coordinator.
 """
 
 
@@ -50,6 +56,14 @@ def _run_train(args, overrides: list[str]) -> int:
         raise UsageError(f"unexpected arguments {rest}; overrides look like --config.KEY=VALUE")
     cfg = load_config_file(args.config)
     apply_overrides(cfg, list(overrides) + extra)
+
+    from apriel_jax.parallel import distributed
+
+    # Before anything touches a JAX backend (train() calls it too; a no-op once initialized).
+    try:
+        distributed.initialize(cfg)
+    except ValueError as e:  # an incomplete or inconsistent process layout in the config / environment
+        raise UsageError(str(e)) from None
 
     from apriel_jax.train.config import EXIT_CODES
     from apriel_jax.train.loop import train

@@ -41,6 +41,12 @@ def _configure_environment() -> None:
         if timeout_flag not in flags:
             flags = f"{flags} {timeout_flag}=1800"
     os.environ["XLA_FLAGS"] = flags
+    # XLA:CPU runs every device's program on one shared intra-op thread pool sized max(cores, devices):
+    # 8 threads here. A sharded step can block all of them in collectives (a device may have two in
+    # flight: one in the top-level program, one inside a scan's while loop) while the participant they
+    # wait for is queued behind them: a deadlock, seen in CI inside the 8-device train-step test (thread
+    # dump: 8 "XLAEigen" threads in CollectivePermute/AllGather rendezvous). PJRT_NPROC sizes that pool.
+    os.environ.setdefault("PJRT_NPROC", "32")
 
     os.environ["JAX_PLATFORMS"] = os.environ.get("APRIEL_TEST_JAX_PLATFORMS", "cpu")
 

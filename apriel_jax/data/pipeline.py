@@ -262,6 +262,7 @@ class PackedDataset:
     names: list[str]
     weights: list[float]
     local_batch: int
+    row_ids: list[int] = field(default_factory=list)  # the global rows this process packs, in batch order
 
     def __iter__(self) -> PackedBatchIterator:
         return PackedBatchIterator(self)
@@ -270,18 +271,26 @@ class PackedDataset:
 def build_dataset(sources: Mapping[str, tuple[Any, float]], to_document: Callable[[dict], Document],
                   packing: PackingConfig, global_batch: int, seed: int, process_index: int = 0,
                   process_count: int = 1, worker_count: int = 0, max_pending: int = 8,
-                  worker_buffer_size: int = 2) -> PackedDataset:
+                  worker_buffer_size: int = 2, row_ids=None) -> PackedDataset:
     """This process's slice of an infinite stream of packed global batches (see module docstring).
 
     ``sources`` maps a name to ``(random-access source, weight)``; weights are token proportions
     (normalised here). ``to_document`` must be picklable (a module-level class) when ``worker_count > 0``.
+    The slice is rows ``[pi * R/pc, (pi + 1) * R/pc)``, or exactly ``row_ids`` when given (the rows a
+    process's devices hold under the batch sharding, which need not be that block).
     """
     _ensure_absl_flags()
-    if global_batch < 1 or process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"bad batch/process: global_batch={global_batch} process {process_index}/{process_count}")
-    if global_batch % process_count:
-        raise ValueError(f"global_batch={global_batch} is not divisible by process_count={process_count}")
-    local = global_batch // process_count
+    if row_ids is None:
+        if global_batch < 1 or process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"bad batch/process: global_batch={global_batch} process {process_index}/{process_count}")
+        if global_batch % process_count:
+            raise ValueError(f"global_batch={global_batch} is not divisible by process_count={process_count}")
+        local = global_batch // process_count
+        row_ids = range(process_index * local, (process_index + 1) * local)
+    row_ids = [int(r) for r in row_ids]
+    if not row_ids or len(set(row_ids)) != len(row_ids) or not all(0 <= r < global_batch for r in row_ids):
+        raise ValueError(f"row_ids must be distinct rows of the global batch of {global_batch}, got {row_ids}")
+    local = len(row_ids)
     if worker_count and local % worker_count:
         raise ValueError(f"worker_count={worker_count} must divide the per-process batch {local}")
     names = list(sources)
@@ -296,9 +305,55 @@ def build_dataset(sources: Mapping[str, tuple[Any, float]], to_document: Callabl
     weights = weights / weights.sum()
     shared = _Shared(names, [sources[n][0] for n in names], weights, to_document, packing,
                      global_batch, int(seed), max_pending)
-    ds: grain.IterDataset = _RowsIterDataset(shared, range(process_index * local, (process_index + 1) * local))
+    ds: grain.IterDataset = _RowsIterDataset(shared, row_ids)
     if worker_count > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                           per_worker_buffer_size=worker_buffer_size))
     ds = ds.batch(local, drop_remainder=True, batch_fn=_stack_rows)
-    return PackedDataset(ds, names, [float(w) for w in weights], local)
+    return PackedDataset(ds, names, [float(w) for w in weights], local, row_ids)
+
+
+# --- Iterator state across process layouts. Every global row is its own stream, so the state of the whole
+# global batch is just the row states side by side: it can be cut for any other split of the rows.
+
+def merge_row_states(parts: list[tuple[list[int], dict]], global_batch: int) -> dict | None:
+    """One iterator state for the whole global batch from ``(row_ids, state)`` of disjoint row shards that
+    cover it; it has the layout of a single process's state. None when a part has grain's worker layout
+    (``worker_count > 0``), which is not cut by rows."""
+    if not all("rows" in state["grain"] for _, state in parts):
+        return None
+    rows: list = [None] * global_batch
+    batches = set()
+    for row_ids, state in parts:
+        g = state["grain"]
+        batches.add(int(g["k"]) // len(row_ids))
+        for r, row_state in zip(row_ids, g["rows"], strict=True):
+            rows[r] = row_state
+    if len(batches) != 1 or any(r is None for r in rows):
+        raise ValueError(f"row shards do not cover the global batch of {global_batch} at one batch index "
+                         f"(batches {sorted(batches)})")
+    stats = [state["stats"] for _, state in parts]
+    packing = {k: sum(int(s["packing"][k]) for s in stats) for k in stats[0]["packing"]}
+    return {"grain": {"k": batches.pop() * global_batch, "rows": rows},
+            "stats": {"source_tokens": [int(sum(t)) for t in zip(*(s["source_tokens"] for s in stats))],
+                      "packing": packing, "batches": stats[0]["batches"]}}
+
+
+def select_row_state(state: dict, row_ids: list[int]) -> dict:
+    """The state of an iterator over ``row_ids`` cut from a whole-batch state (:func:`merge_row_states`).
+    The statistics go whole to the shard holding row 0 (zeros elsewhere), so merging again sums right."""
+    g = state["grain"]
+    if "rows" not in g:  # grain's worker layout (worker_count > 0): restorable only as it is
+        return state
+    global_batch = len(g["rows"])
+    row_ids = [int(r) for r in row_ids]
+    if row_ids == list(range(global_batch)):
+        return state  # the whole batch (one process): unchanged
+    if int(g["k"]) % global_batch or not all(0 <= r < global_batch for r in row_ids):
+        raise ValueError(f"cannot cut rows {row_ids} from an iterator state of {global_batch} rows")
+    stats = state["stats"]
+    if 0 not in row_ids:
+        stats = {"source_tokens": [0] * len(stats["source_tokens"]),
+                 "packing": {k: 0 for k in stats["packing"]}, "batches": stats["batches"]}
+    return {"grain": {"k": int(g["k"]) // global_batch * len(row_ids), "rows": [g["rows"][r] for r in row_ids]},
+            "stats": stats}

@@ -8,7 +8,7 @@ configuration is checked for fit (HBM) and for sharding mistakes before it ever 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jax.sharding import Mesh
 
@@ -57,6 +57,7 @@ class CompileReport:
     alias_bytes: int  # donated inputs reused as outputs (counted once)
     flops: float | None  # per chip, from XLA's cost analysis
     compile_seconds: float
+    mesh_shape: dict = field(default_factory=dict)  # axis name -> size of the mesh compiled for
 
     @property
     def peak_bytes(self) -> int:

@@ -51,9 +51,9 @@ def abstract_batch(mesh, batch: int, seq: int, patches: int, patch_dim: int = 76
 
 def compile_train_step(cfg, optimizer: Optimizer, topology: str, degrees: dict, *, batch: int, seq: int,
                        patches: int, trainable=("all",), grad_accum_steps: int = 1, chunk_size: int = 2048,
-                       num_slices: int = 1) -> tuple[CompileReport, float]:
+                       num_slices: int = 1, dcn_degrees: dict | None = None) -> tuple[CompileReport, float]:
     """(compile report, model FLOPs per chip per step) for one training configuration on a TPU topology."""
-    mesh = topology_mesh(topology, degrees, num_slices=num_slices)
+    mesh = topology_mesh(topology, degrees, num_slices=num_slices, dcn_degrees=dcn_degrees)
     step = make_train_step(cfg, nnx.graphdef(abstract_model(cfg)), optimizer, mesh, trainable=trainable,
                            grad_accum_steps=grad_accum_steps, chunk_size=chunk_size)
     state = abstract_train_state(cfg, optimizer, step, trainable)
@@ -62,6 +62,7 @@ def compile_train_step(cfg, optimizer: Optimizer, topology: str, degrees: dict, 
     with jax.set_mesh(mesh):
         compiled = step.jitted.trace(state, inputs).lower(lowering_platforms=("tpu",)).compile()
     result = report(compiled, topology, mesh.devices.size, time.perf_counter() - start)
+    result.mesh_shape = dict(mesh.shape)
     images = [256] * (batch * patches // 256)  # images of 256 patches fill each row's patch budget
     flops = train_step_flops(cfg, batch=batch, seq_len=seq, image_patch_counts=images) / mesh.devices.size
     return result, flops

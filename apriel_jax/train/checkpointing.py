@@ -8,6 +8,11 @@ Orbax writes each step under a temporary name and renames it on success, and it 
 temporary directories on start-up: a save interrupted by a crash or SIGKILL never loads as valid.
 Restoring takes an abstract target (shapes, dtypes and shardings), so a run saved on one mesh can be
 restored onto another mesh shape.
+
+Several processes: every process calls ``save``/``restore`` for the same steps. Each array is written by
+the processes holding its shards (one replica each), the JSON items by process 0, into one directory
+on storage all processes share; a checkpoint so written restores under another process count, since
+restoring only needs the abstract target of the new layout.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ class RunCheckpointer:
         )
         return self._manager.save(step, args=args, force=force)
 
+    def should_save(self, step: int) -> bool:
+        """Whether ``save(step)`` without ``force`` would save (lets callers skip preparing its inputs)."""
+        return self._manager.should_save(step)
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
@@ -84,6 +93,14 @@ class RunCheckpointer:
             ),
         )
         return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The ``meta`` item (run config, model config, metrics) of ``step`` (default: the latest)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no complete checkpoint")
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"] or {})
 
     def wait(self) -> None:
         """Block until asynchronous saves have finished (call before exiting or reading the files)."""

@@ -8,7 +8,9 @@ A data source is a plain dict ``{name, kind, paths, weight}``; ``kind`` is one o
 * ``jsonl`` / ``array_record``: record files: ``{"text": ...}`` records, and with ``data.tokenizer`` set
   also chat records (``{"messages": [...]}``, images by path or inline base64);
 * ``bytes_text``: plain text files, one record per non-blank paragraph; no paths = a built-in text;
-* ``synthetic``: the synthetic visual task mixture of CPT stage 2 (``paths`` unused; needs ``data.tokenizer``).
+* ``synthetic``: the synthetic visual task mixture of CPT stage 2 (``paths`` unused; needs ``data.tokenizer``);
+* ``synthetic_text`` / ``synthetic_chat``: generated paragraphs / reasoning chats (``data.synthetic.text``),
+  with a real held-out split by seed (chats need ``data.tokenizer``).
 
 Without ``data.tokenizer`` text is byte-tokenized (ids = bytes + 20), which needs no tokenizer file; with
 it (a tokenizer file/directory, or ``"pixtral"`` for the Tekken tokenizer mistral-common ships) records
@@ -21,16 +23,18 @@ import ml_collections
 
 from apriel_jax.model import get_preset
 
-SOURCE_KINDS = ("jsonl", "array_record", "bytes_text", "synthetic")
+SOURCE_KINDS = ("jsonl", "array_record", "bytes_text", "synthetic", "synthetic_text", "synthetic_chat")
 SCHEDULES = ("linear", "cosine")
 
 # Exit codes of ``apriel-jax train`` (also the ``status`` of the summary train() returns).
 EXIT_CODES = {"completed": 0, "diverged": 3, "preempted": 75}  # 75 = EX_TEMPFAIL: "rerun to resume"
 
 
-def source(name: str, kind: str, paths=(), weight: float = 1.0) -> dict:
-    """One entry of ``data.sources`` / ``eval.sources``."""
-    return dict(name=name, kind=kind, paths=list(paths), weight=float(weight))
+def source(name: str, kind: str, paths=(), weight: float = 1.0, **options) -> dict:
+    """One entry of ``data.sources`` / ``eval.sources``; ``options`` go to generated sources:
+    ``synthetic``: ``tasks`` (task -> weight), ``image_size`` (pixels, square), ``difficulty``;
+    ``synthetic_text``: ``topics`` (grammar -> weight)."""
+    return dict(name=name, kind=kind, paths=list(paths), weight=float(weight), options=dict(options))
 
 
 def train_config() -> ml_collections.ConfigDict:
@@ -74,6 +78,7 @@ def train_config() -> ml_collections.ConfigDict:
     ))
     cfg.eval = ml_collections.ConfigDict(dict(
         every=0,  # 0: no periodic evaluation
+        at_start=False,  # also evaluate before the first step of a fresh run (the stage's starting point)
         batches=2,
         sources=[],  # held-out sources; empty = the training sources under eval.seed (NOT held out)
         seed=1234,
@@ -87,9 +92,25 @@ def train_config() -> ml_collections.ConfigDict:
     cfg.init = ml_collections.ConfigDict(dict(
         seed=0,
         from_pretrained="",  # HF / Mistral / apriel-jax checkpoint directory; its model config wins
+        # dtypes of a pretrained model ("" = as stored): e.g. float32 master weights, bfloat16 compute
+        param_dtype="",
+        dtype="",
+    ))
+    # Multi-process runs (apriel_jax.parallel.distributed): "auto" detects SLURM / TPU / APRIEL_* env;
+    # one process needs nothing here. Left out of the cross-process config check (ids differ per process).
+    cfg.distributed = ml_collections.ConfigDict(dict(
+        mode="auto",  # auto | off | env | slurm | tpu
+        coordinator_address="",  # host:port of process 0; "" = APRIEL_COORDINATOR_ADDRESS or SLURM's first node
+        num_processes=0,  # 0 = from the environment
+        process_id=-1,  # -1 = from the environment
+        port=8476,  # coordinator port when the host comes from SLURM's node list
+        initialization_timeout_s=300,  # then exit 69 naming the coordinator (a process is missing)
+        cpu_collectives="gloo",  # cross-process collectives of CPU devices ("" = JAX's default: none)
     ))
     # Slows every step down by this many seconds: lets tests interrupt a run at a chosen step.
-    cfg.debug = ml_collections.ConfigDict(dict(step_sleep_s=0.0))
+    # log_rows: each process appends the global row ids and token hashes it fed at every step to
+    # RUN_DIR/hosts/process_<i>/rows.jsonl (shows which share of the global batch each process read).
+    cfg.debug = ml_collections.ConfigDict(dict(step_sleep_s=0.0, log_rows=False))
     return cfg
 
 

@@ -11,6 +11,11 @@ Stopping early, always after saving a checkpoint at the step boundary (``summary
   exits. Rerunning the same command resumes.
 * ``diverged`` (3): ``max_bad_steps`` consecutive steps had a non-finite loss or gradient. The step
   already dropped those updates, so the saved parameters are the last finite ones.
+
+Several processes (``apriel_jax.parallel.distributed``): every process runs ``train(cfg)`` with the same
+config (checked); each packs only the rows of the global batch its devices hold, and the global batch is
+assembled from them. Process 0 writes ``RUN_DIR/metrics.jsonl`` and the console; process i>0 writes its
+own metrics (step and data-wait times) to ``RUN_DIR/hosts/process_<i>/``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from apriel_jax.model import create_model
+from apriel_jax.parallel import distributed
 from apriel_jax.parallel.mesh import make_mesh
 from apriel_jax.train.task_eval import CountingEval
 from apriel_jax.parallel.rules import logical_to_spec
@@ -56,10 +62,11 @@ def _check_batch(cfg, mesh) -> None:
     degree = math.prod(mesh.shape[n] for n in names)
     need = degree * cfg.grad_accum_steps
     if cfg.data.global_batch % need:
+        hosts = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""
         raise ValueError(
             f"data.global_batch={cfg.data.global_batch} does not divide over the mesh: the batch is sharded "
-            f"over mesh axes {names} ({degree} devices) and split into grad_accum_steps={cfg.grad_accum_steps} "
-            f"micro-batches, so it must be a multiple of {need}")
+            f"over mesh axes {names} ({degree} devices{hosts}) and split into grad_accum_steps="
+            f"{cfg.grad_accum_steps} micro-batches, so it must be a multiple of {need}")
 
 
 def _optimizer(cfg):
@@ -78,7 +85,8 @@ def _model(cfg, mesh):
     if cfg.init.from_pretrained:
         from apriel_jax.checkpoint.pretrained import from_pretrained
 
-        model = from_pretrained(cfg.init.from_pretrained, mesh=mesh)
+        model = from_pretrained(cfg.init.from_pretrained, mesh=mesh, param_dtype=cfg.init.param_dtype or None,
+                                dtype=cfg.init.dtype or None)
         return model.config.as_configdict(), model
     return cfg.model, create_model(cfg.model, seed=cfg.init.seed, mesh=mesh)
 
@@ -86,6 +94,8 @@ def _model(cfg, mesh):
 def setup(cfg):
     """Everything a run needs, with the train state restored from the latest checkpoint when there is one."""
     validate_train_config(cfg)
+    distributed.initialize(cfg)  # before any JAX backend use; a no-op for one process or once initialized
+    distributed.check_same_config(cfg)
     mesh = make_mesh({k: int(v) for k, v in cfg.mesh.items()},
                      dcn_degrees={k: int(v) for k, v in cfg.mesh_dcn.items()})
     _check_batch(cfg, mesh)
@@ -130,11 +140,13 @@ def make_eval_step(run):
 def evaluate(cfg, run, eval_step) -> dict:
     """Mean token loss over ``eval.batches`` batches; the same batches every time (fresh iterator)."""
     sources = list(cfg.eval.sources) or list(cfg.data.sources)
-    it = iter(inputs.make_dataset(cfg, sources, cfg.eval.seed))
+    rows = inputs.process_rows(run.mesh, cfg.data.global_batch)
+    it = iter(inputs.make_dataset(cfg, sources, cfg.eval.seed, rows))
     total = count = 0.0
     try:
         for _ in range(cfg.eval.batches):
-            batch = inputs.model_inputs(next(it), cfg.data.patch_budget)
+            batch = inputs.to_global(inputs.model_inputs(next(it), cfg.data.patch_budget), run.mesh,
+                                     cfg.data.global_batch)
             loss, n = jax.device_get(eval_step(run.state.params, run.state.frozen, batch))
             total, count = total + float(loss), count + float(n)
     finally:
@@ -167,15 +179,36 @@ def _meta(cfg, run, metrics: dict) -> dict:
             "metrics": {k: v for k, v in metrics.items() if v is not None}}
 
 
+def _host_dir(cfg) -> Path:
+    return Path(cfg.run_dir) / "hosts" / f"process_{jax.process_index()}"
+
+
+def _writer(cfg) -> MetricsWriter:
+    """Process 0 logs the run; the others log their own step times under RUN_DIR/hosts (no TB, W&B, console)."""
+    if jax.process_index() == 0:
+        return MetricsWriter(cfg.run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                             wandb_project=cfg.log.wandb_project, console=cfg.log.console,
+                             config=json.loads(config_to_json(cfg)))
+    return MetricsWriter(_host_dir(cfg), tensorboard=False, wandb=False, console=False)
+
+
+def _evaluate_and_log(cfg, run, eval_step, counting, writer, step: int) -> float:
+    scores = {"loss": evaluate(cfg, run, eval_step)["loss"]}
+    if counting is not None:
+        scores.update(counting(run.graphdef, run.state.params, run.state.frozen))
+    writer.write(step, scores, split="eval")
+    writer.print(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return scores["loss"]
+
+
 def train(cfg) -> dict:
     """Run (or resume) training; returns ``{"status", "step", "loss", "eval_loss", "run_dir", ...}``."""
     run = setup(cfg)
-    it = iter(inputs.make_dataset(cfg, cfg.data.sources, cfg.data.seed))
+    rows = inputs.process_rows(run.mesh, cfg.data.global_batch)  # this process's share of every batch
+    it = iter(inputs.make_dataset(cfg, cfg.data.sources, cfg.data.seed, rows))
     if run.data_state is not None:
-        it.set_state(run.data_state)
-    writer = MetricsWriter(cfg.run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
-                           wandb_project=cfg.log.wandb_project, console=cfg.log.console,
-                           config=json.loads(config_to_json(cfg)))
+        it.set_state(inputs.local_data_state(run.data_state, rows))
+    writer = _writer(cfg)
     eval_step = make_eval_step(run) if cfg.eval.every else None
     counting = None
     if cfg.eval.every and cfg.eval.counting_samples:
@@ -189,13 +222,19 @@ def train(cfg) -> dict:
     if step:
         writer.print(f"resumed from {checkpoint_dir(cfg)} at step {step}")
     status, bad, last, eval_loss, ema = "completed", 0, {}, None, None
+    if eval_step is not None and cfg.eval.at_start and step == 0:
+        eval_loss = _evaluate_and_log(cfg, run, eval_step, counting, writer, step)
     try:
         with _Preemption() as preemption:
             while step < cfg.steps:
                 t0 = time.perf_counter()
                 batch = next(it)
                 wait = time.perf_counter() - t0
-                run.state, metrics = run.step_fn(run.state, inputs.model_inputs(batch, cfg.data.patch_budget))
+                if cfg.debug.log_rows:
+                    inputs.log_rows(_host_dir(cfg) / "rows.jsonl", step + 1, rows, batch)
+                device_batch = inputs.to_global(inputs.model_inputs(batch, cfg.data.patch_budget), run.mesh,
+                                                cfg.data.global_batch)
+                run.state, metrics = run.step_fn(run.state, device_batch)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 step += 1
                 if cfg.debug.step_sleep_s:
@@ -214,19 +253,19 @@ def train(cfg) -> dict:
                     writer.write(step, last)
                     writer.print(progress_line(step, cfg.steps, last, platform=platform))
                 if eval_step is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
-                    eval_loss = evaluate(cfg, run, eval_step)["loss"]
-                    scores = {"loss": eval_loss}
-                    if counting is not None:
-                        scores.update(counting(run.graphdef, run.state.params, run.state.frozen))
-                    writer.write(step, scores, split="eval")
-                    writer.print(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+                    eval_loss = _evaluate_and_log(cfg, run, eval_step, counting, writer, step)
+                # Every process must stop at the same step: SIGTERM may reach only some of them.
+                preempted = distributed.any_process(preemption.requested)
                 if bad >= cfg.max_bad_steps:
                     status = "diverged"
-                elif preemption.requested:
+                elif preempted:
                     status = "preempted"
                 stopping = status != "completed" or step == cfg.steps
-                run.ckpt.save(step, run.state, data_state=it.get_state(), meta=_meta(cfg, run, last),
-                              force=stopping)
+                if stopping or run.ckpt.should_save(step):
+                    # Gathering the data state is a collective across processes: only when saving.
+                    data_state = inputs.global_data_state(it, rows, cfg.data.global_batch)
+                    run.ckpt.save(step, run.state, data_state=data_state, meta=_meta(cfg, run, last),
+                                  force=stopping)
                 if status != "completed":
                     break
         run.ckpt.wait()

@@ -95,6 +95,15 @@ def split_trainable(state: nnx.State, patterns: Sequence[str]) -> tuple[nnx.Stat
     return trainable, frozen
 
 
+def trainable_param_counts(model_cfg, patterns: Sequence[str]) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts of a model config under ``patterns`` (no memory allocated)."""
+    from apriel_jax.model.factory import abstract_model
+    from apriel_jax.model.layers import count_params
+
+    trainable, frozen = split_trainable(nnx.state(abstract_model(model_cfg), nnx.Param), patterns)
+    return count_params(trainable), count_params(frozen)
+
+
 # ------------------------------------------------------------------------------------- optimizer
 
 

@@ -27,9 +27,17 @@ class CountingEval:
     def __init__(self, cfg, num_samples: int, max_new_tokens: int = 24):
         self.tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.data.tokenizer))
         self.chat = ChatFormat(mode=cfg.data.chat_format, image_cfg=ImageConfig(longest_edge=cfg.model.vision.image_size))
+        # Same image size (and so the same patch count) as the synthetic tasks the run trains on.
+        sizes = [int((s.get("options") or {}).get("image_size", 256)) for s in cfg.data.sources
+                 if s["kind"] == "synthetic"]
+        size = sizes[0] if sizes else 256
         samples = TaskMixture(weights={"counting": 1.0}, seed=cfg.eval.seed, start=HELD_OUT_START,
-                              length=num_samples)
+                              length=num_samples, size=(size, size))
         self.answers = [samples[i]["answer"] for i in range(num_samples)]
+        # Accuracy of always answering the most frequent count: the bar a model that ignores the image
+        # reaches (most questions ask about one colour or category, so "1" is common).
+        counts = [a["count"] for a in self.answers]
+        self.majority_baseline = max(counts.count(c) for c in set(counts)) / max(1, len(counts))
         prompts = []
         for i in range(num_samples):
             question = [m for m in samples[i]["messages"] if m["role"] != "assistant"]
@@ -45,4 +53,5 @@ class CountingEval:
         tokens, _ = generate(model, self.batch, self.sampling)
         texts = [self.tokenizer.decode(row) for row in np.asarray(tokens).tolist()]
         answers = [parse_response(text).answer for text in texts]
-        return {"counting_accuracy": counting_accuracy(answers, self.answers)}
+        return {"counting_accuracy": counting_accuracy(answers, self.answers),
+                "counting_majority_baseline": self.majority_baseline}

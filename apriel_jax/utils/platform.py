@@ -30,3 +30,8 @@ def quiet_libtpu_without_tpu() -> None:
     # compiles; with no TPU to protect, two such processes (two test runs, a benchmark beside a test)
     # must not fail on it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # With neither TPU nor NVIDIA device nodes JAX can only use the CPU; saying so up front keeps the TPU
+    # plugin from initialising (and printing "could not determine TPU accelerator type" warnings).
+    # Ahead-of-time TPU compiles do not need the TPU backend: they describe topologies through libtpu.
+    if not glob.glob("/dev/nvidia[0-9]*"):
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")

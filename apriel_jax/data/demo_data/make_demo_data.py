@@ -371,11 +371,46 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
+def tokenizer_corpus() -> list[str]:
+    """What the demo tokenizer is trained on: the shipped texts, generated text and chats, the synthetic
+    visual tasks' questions and answers, and the chat format's markers."""
+    from apriel_jax.data.synthetic import TaskMixture
+    from apriel_jax.data.synthetic.text import SyntheticReasoningChats, SyntheticText
+
+    texts = list(PARAGRAPHS)
+    for chat in CHATS + multimodal_records():
+        for m in chat["messages"]:
+            content = m.get("content")
+            texts += [content] if isinstance(content, str) else [c["text"] for c in content or [] if "text" in c]
+            texts += [m["reasoning"]] if m.get("reasoning") else []
+    texts += [SyntheticText(seed=99)[i]["text"] for i in range(3000)]
+    for i in range(1000):
+        for m in SyntheticReasoningChats(seed=99)[i]["messages"]:
+            texts += [m["content"]] + ([m["reasoning"]] if m.get("reasoning") else [])
+    tasks = TaskMixture(seed=99, size=(64, 64))
+    for i in range(400):
+        for m in tasks[i]["messages"]:
+            content = m["content"]
+            texts += [content] if isinstance(content, str) else [c["text"] for c in content if "text" in c]
+    markers = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "Here are my reasoning steps:",
+               "[BEGIN FINAL RESPONSE]", "[END FINAL RESPONSE]", "<think>", "</think>", "<nothink>")
+    return texts + [" ".join(markers)] * 50
+
+
+def write_tokenizer(out: Path, vocab_size: int = 1024) -> None:
+    """A byte-level BPE sized for the tiny model's 1024-row vocabulary (the real Tekken tokenizer has
+    131072 ids; its LM head alone would dominate a CPU demo)."""
+    from apriel_jax.data.tokenizer import train_tiny_tokenizer
+
+    train_tiny_tokenizer(tokenizer_corpus(), vocab_size, out / "tokenizer.json")
+
+
 def main(out: Path = HERE) -> None:
     write_jsonl(out / "text.jsonl", [{"text": p} for p in PARAGRAPHS])
     write_jsonl(out / "chat_sft.jsonl", CHATS)
     write_images(out / "images")
     write_jsonl(out / "multimodal.jsonl", multimodal_records())
+    write_tokenizer(out)
 
 
 if __name__ == "__main__":

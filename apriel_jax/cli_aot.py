@@ -1,0 +1,143 @@
+"""``apriel-jax aot``: compile the real training step for a TPU topology on any host and report the fit.
+
+Nothing runs and no TPU is needed: libtpu describes the topology (``jax.experimental.topologies``), the
+train state and batch are abstract arrays sharded over that topology's mesh, and XLA compiles the step
+exactly as it would on the pod. The report gives per-chip HBM use (arguments: parameters, optimizer
+state and batch shards; temporaries: activations and scratch; peak) against the chip's capacity, the
+compile time, and XLA's FLOP count against the analytic model FLOPs.
+
+CONFIG is a pipeline config (every training stage, or ``--stage``) or a train config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+HEADROOM = 0.85  # a configuration "fits" when its peak stays under this share of HBM
+
+_EPILOG = """\
+examples:
+  apriel-jax aot configs/pipelines/apriel_15b.py --stage cpt1 --topology v5p:4x4x4
+  apriel-jax aot configs/pipelines/apriel_15b.py --stage sft_long --topology v5p:2x4x4
+  apriel-jax aot configs/pipelines/apriel_15b.py --stage cpt2 --topology v5e:16x16 --config.stages.cpt2.train.data.global_batch=256
+  apriel-jax aot configs/train/tiny_text.py --topology v5e:2x2
+
+exit codes: 0 every compiled configuration fits (peak <= 85% of HBM); 1 one does not fit or failed to
+compile; 2 bad config or command line.
+"""
+
+
+def add_parser(commands, debug, fmt) -> None:
+    p = commands.add_parser(
+        "aot", parents=[debug], formatter_class=fmt, epilog=_EPILOG,
+        help="compile the training step for a TPU topology (no TPU needed) and report HBM use",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("config", metavar="CONFIG", help="pipeline or train config file (PATH or PATH:ARG)")
+    p.add_argument("--topology", help="TPU topology, e.g. v5p:4x4x4 (64 chips), v5e:16x16, v6e:8x8 "
+                                      "(default: the config's target.topology)")
+    p.add_argument("--stage", action="append", metavar="STAGE",
+                   help="pipeline stage to compile (repeatable; default: every training stage)")
+    p.add_argument("--num-slices", type=int, default=0,
+                   help="slices of the topology (default: the product of the config's mesh_dcn degrees)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.set_defaults(handler=_run)
+
+
+def stage_cases(cfg, stages: list[str] | None) -> list[tuple[str, object, object]]:
+    """(name, model config, train config) for each training stage of a pipeline, or the train config."""
+    import ml_collections
+
+    if "order" not in cfg:  # a train config
+        return [("train", cfg.model, cfg)]
+    from apriel_jax.stages.report import stage_model_configs
+    from apriel_jax.stages.runner import stage_train_config
+
+    models = stage_model_configs(cfg)
+    names = [n for n in cfg.order if cfg.stages[n].kind == "train"]
+    for s in stages or []:
+        if s not in names:
+            raise ValueError(f"--stage {s!r} is not a training stage of this pipeline; training stages: {names}")
+    cases = []
+    for name in stages or names:
+        model = ml_collections.ConfigDict(models[name].to_dict())
+        # The pipeline's numerics and memory policy apply whatever checkpoint a stage starts from.
+        for key in ("dtype", "param_dtype", "remat_policy", "attention_impl"):
+            model[key] = cfg.model[key]
+        cases.append((name, model, stage_train_config(cfg, name, None)))
+    return cases
+
+
+def compile_case(model_cfg, tcfg, topology: str, num_slices: int) -> dict:
+    from apriel_jax.parallel.aot import hbm_per_chip
+    from apriel_jax.train.aot import compile_train_step
+    from apriel_jax.train.loop import _optimizer
+
+    degrees = {k: int(v) for k, v in tcfg.mesh.items()}
+    dcn = {k: int(v) for k, v in tcfg.mesh_dcn.items()}
+    slices = num_slices or max(1, math.prod(dcn.values()))
+    report, model_flops = compile_train_step(
+        model_cfg, _optimizer(tcfg), topology, degrees, batch=tcfg.data.global_batch, seq=tcfg.data.seq_len,
+        patches=tcfg.data.patch_budget, trainable=tuple(tcfg.trainable), grad_accum_steps=tcfg.grad_accum_steps,
+        chunk_size=tcfg.chunk_size, num_slices=slices, dcn_degrees=dcn if slices > 1 else None)
+    hbm = hbm_per_chip(topology)
+    return dict(topology=topology, slices=slices, chips=report.chips, mesh=report.mesh_shape,
+                batch=tcfg.data.global_batch, seq=tcfg.data.seq_len, patches=tcfg.data.patch_budget,
+                remat=model_cfg.remat_policy, attention=model_cfg.attention_impl,
+                argument_gb=report.argument_bytes / 1e9, temp_gb=report.temp_bytes / 1e9,
+                peak_gb=report.peak_bytes / 1e9, hbm_gb=None if hbm is None else hbm / 1e9,
+                hbm_use=None if hbm is None else report.peak_bytes / hbm,
+                xla_tflop_per_chip=None if report.flops is None else report.flops / 1e12,
+                model_tflop_per_chip=model_flops / 1e12, compile_s=report.compile_seconds)
+
+
+def format_row(name: str, r: dict) -> str:
+    if "error" in r:
+        return f"{name:11} {r['topology']:11} FAILED: {r['error']}"
+    use = "-" if r["hbm_use"] is None else f"{100 * r['hbm_use']:.0f}%"
+    fits = "-" if r["hbm_use"] is None else ("yes" if r["hbm_use"] <= HEADROOM else "NO")
+    ratio = "-" if not r["xla_tflop_per_chip"] else f"{r['xla_tflop_per_chip'] / r['model_tflop_per_chip']:.2f}"
+    mesh = ",".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
+    return (f"{name:11} {r['topology']:11} {r['chips']:>5} {mesh:18} {r['batch']:>5}x{r['seq']:<6} "
+            f"{r['patches']:>6} {r['remat']:>5} {r['argument_gb']:8.1f} {r['temp_gb']:8.1f} {r['peak_gb']:8.1f} "
+            f"{(r['hbm_gb'] or 0):6.0f} {use:>5} {fits:>4} {r['model_tflop_per_chip']:9.1f} {ratio:>6} "
+            f"{r['compile_s']:8.0f}")
+
+
+HEADER = (f"{'stage':11} {'topology':11} {'chips':>5} {'mesh':18} {'batch x seq':>12} {'patch':>6} "
+          f"{'remat':>5} {'args GB':>8} {'temp GB':>8} {'peak GB':>8} {'HBM GB':>6} {'use':>5} {'fits':>4} "
+          f"{'TFLOP/chip':>9} {'xla/mdl':>6} {'compile s':>8}")
+
+
+def _run(args, overrides: list[str]) -> int:
+    from apriel_jax.cli import UsageError
+    from apriel_jax.utils.config_cli import apply_overrides, load_config_file
+
+    cfg = load_config_file(args.config)
+    apply_overrides(cfg, overrides)
+    topology = args.topology or (cfg.target.topology if "target" in cfg else "")
+    if not topology:
+        raise UsageError("no --topology given and the config names no target.topology")
+    try:
+        cases = stage_cases(cfg, args.stage)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"ahead-of-time compile for {topology} (peak must stay <= {HEADROOM:.0%} of HBM; TFLOP/chip = analytic "
+          "model FLOPs of one step; xla/mdl = XLA's count / analytic, >1 from remat recompute)")
+    print(HEADER)
+    rows, ok = {}, True
+    for name, model_cfg, tcfg in cases:
+        try:
+            row = compile_case(model_cfg, tcfg, topology, args.num_slices)
+        except Exception as e:  # an out-of-memory or sharding error at compile time is a result too
+            if args.debug:
+                raise
+            row = dict(topology=topology, error=str(e).splitlines()[0][:200])
+        ok = ok and "error" not in row and (row["hbm_use"] is None or row["hbm_use"] <= HEADROOM)
+        rows[name] = row
+        print(format_row(name, row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0 if ok else 1
+

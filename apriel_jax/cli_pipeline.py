@@ -1,0 +1,137 @@
+"""``apriel-jax pipeline``: run (or plan) a chain of training stages from a pipeline config.
+
+Exit codes: 0 every selected stage finished (and the export, when the last stage ran); 75 a stage was
+preempted by SIGTERM (checkpoint saved; rerun the same command to resume); 3 a stage diverged; 2 a bad
+config or command line.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = "apriel_jax.stages.demo"
+
+_EPILOG = """\
+config:
+  CONFIG is a Python file defining get_config() that returns a pipeline config
+  (apriel_jax.stages.config.pipeline_config()); without CONFIG the demo pipeline runs (the whole recipe
+  on a tiny model, minutes on a CPU). Override any field after it:
+    apriel-jax pipeline --plan
+    apriel-jax pipeline configs/pipelines/apriel_15b.py --plan
+    apriel-jax pipeline configs/pipelines/demo.py --config.run_dir=/tmp/demo --config.stages.cpt2.train.steps=20
+  Finished stages (STAGE/DONE.json) are skipped and an interrupted stage resumes from its last checkpoint:
+  rerunning the same command continues where it stopped.
+
+exit codes:
+  0 done; 75 preempted (SIGTERM: saved, rerun to resume); 3 a stage diverged (saved); 2 bad config.
+"""
+
+
+def add_parser(commands, debug, fmt) -> None:
+    p = commands.add_parser(
+        "pipeline", parents=[debug], formatter_class=fmt, epilog=_EPILOG,
+        help="run the staged training recipe (default: the demo pipeline)",
+        description="Run a pipeline of stages: init -> transform -> train -> finalize (average / merge) -> "
+                    "export to Hugging Face format. Prints a summary table and writes a PNG of the curves.")
+    p.add_argument("config", metavar="CONFIG", nargs="?", default=None,
+                   help="pipeline config file (PATH or PATH:ARG); default: the demo pipeline")
+    p.add_argument("--plan", action="store_true",
+                   help="print the plan (stages, inits, frozen groups with parameter counts, token budgets, "
+                        "steps) and exit without running")
+    p.add_argument("--only", metavar="STAGE", help="run just this stage (its init must exist)")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="run from this stage to the end")
+    p.add_argument("--redo", action="store_true",
+                   help="delete the selected stages' outputs first and run them again")
+    p.add_argument("--no-export", action="store_true", help="do not export the last stage to HF format")
+    p.set_defaults(handler=_run)
+
+
+def load_pipeline_config(path: str | None, overrides: list[str]):
+    from apriel_jax.utils.config_cli import apply_overrides, load_config_file
+
+    if path is None:
+        import importlib
+
+        cfg = importlib.import_module(DEFAULT_CONFIG).get_config()
+    else:
+        cfg = load_config_file(path)
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def _run(args, overrides: list[str]) -> int:
+    from apriel_jax.cli import UsageError
+
+    # --config.KEY=VALUE overrides were taken out of the command line before argparse (cli.main).
+    cfg = load_pipeline_config(args.config, list(overrides))
+    if args.only and args.start:
+        raise UsageError("--only and --from exclude each other")
+
+    from apriel_jax.stages.report import plan_text
+
+    try:
+        plan = plan_text(cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(plan)
+    if args.plan:
+        return 0
+    return run_and_report(cfg, only=args.only, start=args.start, redo=args.redo, export=not args.no_export)
+
+
+def run_and_report(cfg, *, only=None, start=None, redo=False, export=True) -> int:
+    from apriel_jax.stages.report import plot_pipeline, summary_table, write_summary
+    from apriel_jax.stages.runner import Runner, StageFailed
+    from apriel_jax.train.config import EXIT_CODES
+
+    t0 = time.time()
+    runner = Runner(cfg)
+    try:
+        summaries = runner.run(only=only, start=start, redo=redo)
+    except StageFailed as e:
+        print(f"pipeline: {e}", file=sys.stderr)
+        return EXIT_CODES[e.status]
+    print()
+    print(summary_table(summaries))
+    write_summary(cfg, summaries)
+    png = plot_pipeline(cfg, Path(cfg.run_dir) / "curves.png")
+    if png is not None:
+        print(f"loss curves: {png}")
+    last_ran = (only or cfg.order[-1]) == cfg.order[-1]
+    if export and last_ran:
+        out = runner.export()
+        print(f"Hugging Face export: {out}")
+        if cfg.export.check_with_transformers:
+            print(f"transformers check: {check_export_with_transformers(out)}")
+    print(f"pipeline {cfg.name}: done in {time.time() - t0:.0f} s; outputs under {cfg.run_dir}")
+    return 0
+
+
+def check_export_with_transformers(hf_dir) -> str:
+    """Load the export with transformers (when torch is installed) and compare its logits with ours."""
+    try:
+        import torch
+        from transformers import LlavaForConditionalGeneration
+    except ImportError as e:
+        return f"skipped ({e.name or 'torch/transformers'} not installed)"
+    import numpy as np
+
+    from apriel_jax.checkpoint.pretrained import from_pretrained
+    from apriel_jax.demo import _quiet_transformers, forward_logits
+
+    model = from_pretrained(hf_dir, dtype="float32", param_dtype="float32")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(20, model.config.decoder.vocab_size, (1, 48))
+    ours = forward_logits(model, {"tokens": ids.astype(np.int32), "positions": np.arange(48)[None].astype(np.int32),
+                                  "segment_ids": np.ones((1, 48), np.int32)})
+    with _quiet_transformers():
+        ref_model = LlavaForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32)
+    ref_model.eval()
+    with torch.no_grad():
+        ref = ref_model(input_ids=torch.as_tensor(ids), use_cache=False).logits.float().numpy()
+    rel = float(np.abs(ref - ours).max() / max(np.abs(ref).max(), 1e-30))
+    if rel > 1e-4:
+        raise RuntimeError(f"the exported checkpoint disagrees with transformers: max relative logits error {rel:.3g}")
+    return f"LlavaForConditionalGeneration loads it; max relative logits error vs ours {rel:.1e}"

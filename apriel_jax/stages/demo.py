@@ -1,0 +1,145 @@
+"""The demo pipeline: the whole Apriel recipe on a tiny model, on CPU, in minutes.
+
+    apriel-jax pipeline                        # = apriel-jax pipeline configs/pipelines/demo.py
+    apriel-jax pipeline configs/pipelines/demo.py --plan
+
+The model keeps every architectural feature of Apriel (Pixtral-style vision tower with 2-D RoPE, GELU
+projector, GQA decoder with decoupled head_dim) at toy width. Data ships with the package or is generated:
+templated text with a held-out split, the shipped captions and SFT chats, synthetic visual tasks
+(counting, matching, detection, reconstruction) and generated reasoning chats. The tokenizer is a small
+byte-level BPE trained on that data (apriel_jax/data/demo_data/tokenizer.json; the production config uses
+Pixtral's Tekken tokenizer).
+
+Stages (the paper's, scaled down): base (stands in for the pretrained Pixtral-12B: a random model
+pretrained on text) -> upscale (decoder 4 -> 6 layers, identity-initialised copies, 50% replay, average
+of 3 equispaced checkpoints) -> realign (projector only) -> cpt1 (everything; 50% text / 20% replay / 30%
+multimodal; average of 3) -> cpt2 (vision frozen; synthetic visual tasks; loss on responses) -> sft_main
+(decoder only; reasoning chats) -> sft_subset and sft_long (two runs on top of sft_main) -> merge (equal
+weights) -> export to Hugging Face format.
+"""
+
+from pathlib import Path
+
+import apriel_jax
+from apriel_jax.model.config import decoder_config, model_config, projector_config, vision_config
+from apriel_jax.stages.config import pipeline_config, stage
+from apriel_jax.train.config import source
+
+DEMO = Path(apriel_jax.__file__).parent / "data" / "demo_data"
+TOKENIZER = str(DEMO / "tokenizer.json")
+
+# Generated sources: training draws from seed `data.seed`, evaluation from `eval.seed` (disjoint samples).
+ORIGINAL_TEXT = dict(topics={"arithmetic": 1.0, "scenes": 1.0})  # the "pretraining" distribution (replayed)
+NEW_TEXT = dict(topics={"procedures": 1.0, "arithmetic": 0.5})
+VISUAL_TASKS = dict(image_size=64, tasks={"counting": 2.0, "detection": 1.0, "matching": 1.0})
+COUNTING = dict(image_size=64, tasks={"counting": 3.0, "detection": 1.0})
+
+
+def demo_model():
+    return model_config(
+        vision=vision_config(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, head_dim=16,
+                             image_size=64),
+        projector=projector_config(bias=True),
+        decoder=decoder_config(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=4,
+                               num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=1e6,
+                               max_position_embeddings=4096),
+    )
+
+
+def _common(s, *, seq_len, patch_budget=0, batch=8, lr, schedule="cosine", steps, loss="all",
+            chat_format="apriel", save_every=None, eval_every=None):
+    s.train.data.update(seq_len=seq_len, patch_budget=patch_budget, global_batch=batch, loss=loss,
+                        tokenizer=TOKENIZER, chat_format=chat_format)
+    s.train.optimizer.update(peak_lr=lr, schedule=schedule, warmup_fraction=0.1, weight_decay=0.01)
+    s.train.steps = steps
+    s.train.checkpoint.update(save_every=save_every or steps, keep_last=2)
+    s.train.eval.update(every=eval_every or steps, batches=2, at_start=True)
+    s.train.log.update(tensorboard=False, console=False)
+    return s
+
+
+def get_config():
+    cfg = pipeline_config()
+    cfg.name = "demo"
+    cfg.run_dir = "runs/demo"
+    cfg.model = demo_model()
+    cfg.order = ["base", "upscale", "realign", "cpt1", "cpt2", "sft_main", "sft_subset", "sft_long", "merge"]
+
+    text_eval = [source("text", "synthetic_text", weight=1.0, **ORIGINAL_TEXT),
+                 source("new_text", "synthetic_text", weight=1.0, **NEW_TEXT)]
+    visual_eval = [source("tasks", "synthetic", weight=1.0, **VISUAL_TASKS)]
+
+    s = _common(stage(init="random", trainable=("all",)), seq_len=256, lr=3e-3, steps=60, eval_every=30)
+    s.description = "stands in for the pretrained base model: random init, text pretraining"
+    s.train.data.sources = [source("text", "synthetic_text", weight=1.0, **ORIGINAL_TEXT)]
+    s.train.eval.sources = text_eval[:1]
+    cfg.stages.base = s
+
+    s = _common(stage(trainable=("all",)), seq_len=256, lr=1e-3, schedule="linear", steps=30, save_every=10)
+    s.description = "depth upscaling 4 -> 6 decoder layers, 50% replay, average of 3 equispaced checkpoints"
+    s.transform.update(kind="upscale", num_layers=6, identity_init=True)
+    s.train.data.sources = [source("new_text", "synthetic_text", weight=0.4, **NEW_TEXT),
+                            source("shipped_text", "jsonl", [str(DEMO / "text.jsonl")], 0.1),
+                            source("replay", "synthetic_text", weight=0.5, **ORIGINAL_TEXT)]
+    s.train.eval.sources = text_eval
+    s.finalize.update(kind="average", num_checkpoints=3)
+    cfg.stages.upscale = s
+
+    s = _common(stage(trainable=("projector",)), seq_len=384, patch_budget=128, lr=3e-3, schedule="linear",
+                steps=20)
+    s.description = "projector realignment: vision encoder and decoder frozen"
+    s.train.data.sources = [source("captions", "jsonl", [str(DEMO / "multimodal.jsonl")], 0.3),
+                            source("visual_tasks", "synthetic", weight=0.7, **VISUAL_TASKS)]
+    s.train.eval.sources = visual_eval
+    cfg.stages.realign = s
+
+    s = _common(stage(trainable=("all",)), seq_len=384, patch_budget=128, lr=1e-3, steps=30, save_every=10)
+    s.description = "CPT stage 1: everything trained; 50% text / 20% replay / 30% multimodal"
+    s.train.data.sources = [source("text", "synthetic_text", weight=0.5, **NEW_TEXT),
+                            source("replay", "synthetic_text", weight=0.2, **ORIGINAL_TEXT),
+                            source("multimodal", "synthetic", weight=0.3, **VISUAL_TASKS)]
+    s.train.eval.sources = visual_eval + text_eval
+    s.finalize.update(kind="average", num_checkpoints=3)
+    cfg.stages.cpt1 = s
+
+    s = _common(stage(trainable=("projector", "decoder", "embeddings")), seq_len=384, patch_budget=128,
+                lr=1e-3, steps=60, loss="responses", chat_format="nothink", eval_every=30)
+    s.description = "CPT stage 2: synthetic visual tasks, vision encoder frozen, loss on responses"
+    s.train.data.sources = [source("visual_tasks", "synthetic", weight=1.0, **COUNTING)]
+    s.train.eval.sources = [source("tasks", "synthetic", weight=1.0, **COUNTING)]
+    s.train.eval.counting_samples = 48
+    cfg.stages.cpt2 = s
+
+    sft_eval = [source("reasoning_chats", "synthetic_chat", weight=1.0)]
+    s = _common(stage(trainable=("decoder", "embeddings")), seq_len=256, lr=1e-3, steps=40, loss="responses",
+                eval_every=20)
+    s.description = "SFT: text reasoning chats, decoder only, loss on responses"
+    s.train.data.sources = [source("chats", "jsonl", [str(DEMO / "chat_sft.jsonl")], 0.2),
+                            source("reasoning_chats", "synthetic_chat", weight=0.8)]
+    s.train.eval.sources = sft_eval
+    cfg.stages.sft_main = s
+
+    s = _common(stage(init="stage:sft_main", trainable=("decoder", "embeddings")), seq_len=256, lr=5e-4,
+                steps=15, loss="responses")
+    s.description = "SFT run 1 on top of sft_main: a subset, more epochs"
+    s.train.data.sources = [source("reasoning_chats", "synthetic_chat", weight=1.0)]
+    s.train.data.seed = 1
+    s.train.eval.sources = sft_eval
+    cfg.stages.sft_subset = s
+
+    s = _common(stage(init="stage:sft_main", trainable=("decoder", "embeddings")), seq_len=512,
+                lr=5e-4, steps=15, loss="responses")
+    s.description = "SFT run 2 on top of sft_main: longer sequences"
+    s.train.data.sources = [source("chats", "jsonl", [str(DEMO / "chat_sft.jsonl")], 0.3),
+                            source("reasoning_chats", "synthetic_chat", weight=0.7)]
+    s.train.data.seed = 2
+    s.train.eval.sources = sft_eval
+    cfg.stages.sft_long = s
+
+    s = stage("merge")
+    s.description = "final model: equal-weight average of the two SFT runs"
+    s.merge.update(stages=["sft_subset", "sft_long"], weights=[0.5, 0.5])
+    cfg.stages.merge = s
+
+    cfg.export.hf_dir = ""  # default: RUN_DIR/export/hf
+    return cfg

@@ -1,0 +1,319 @@
+"""Runs a pipeline config stage by stage: init -> transform -> train -> finalize -> next; then export.
+
+Layout under ``run_dir``::
+
+    STAGE/init/       the transformed initial model (upscale), written once before training starts
+    STAGE/run/        the training run: checkpoints/, metrics.jsonl, tensorboard/
+    STAGE/final/      the stage's result (apriel-jax model directory), the next stage's default init
+    STAGE/DONE.json   the stage summary; its presence marks the stage finished
+    export/hf/        the last final in Hugging Face format
+
+Every artifact is written atomically, and ``DONE.json`` only after ``final/``: rerunning the same
+command skips finished stages and resumes an interrupted one from its latest checkpoint (the training
+loop restores the train state and the data iterator, so the resumed run is bit-identical). A stage
+stopped by SIGTERM or by repeated non-finite steps stops the pipeline with that status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import ml_collections
+
+from apriel_jax.stages.config import averaged_steps, average_interval, stage_steps, validate_pipeline
+from apriel_jax.train.config import train_config
+
+DONE_FILE = "DONE.json"
+
+
+class StageFailed(RuntimeError):
+    """A stage ended without completing (preempted or diverged); ``status`` is the train loop's status."""
+
+    def __init__(self, stage: str, status: str, message: str):
+        super().__init__(message)
+        self.stage, self.status = stage, status
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    root: Path
+
+    @property
+    def init(self) -> Path:
+        return self.root / "init"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def done(self) -> Path:
+        return self.root / DONE_FILE
+
+
+def stage_paths(cfg, name: str) -> StagePaths:
+    return StagePaths(Path(cfg.run_dir).absolute() / name)
+
+
+def export_dir(cfg) -> Path:
+    return Path(cfg.export.hf_dir or Path(cfg.run_dir) / "export" / "hf").absolute()
+
+
+def select_stages(cfg, only: str | None = None, start: str | None = None) -> list[str]:
+    names = list(cfg.order)
+    for flag, value in (("--only", only), ("--from", start)):
+        if value is not None and value not in names:
+            raise ValueError(f"{flag} {value!r} is not a stage of this pipeline; stages: {names}")
+    if only is not None:
+        return [only]
+    if start is not None:
+        return names[names.index(start):]
+    return names
+
+
+def init_source(cfg, name: str) -> str | None:
+    """The directory a stage starts from (None: random init from ``cfg.model``)."""
+    s = cfg.stages[name]
+    if s.init == "random":
+        return None
+    if s.init == "base":
+        return cfg.base
+    if s.init == "previous":
+        return str(stage_paths(cfg, cfg.order[cfg.order.index(name) - 1]).final)
+    if s.init.startswith("stage:"):
+        return str(stage_paths(cfg, s.init[len("stage:"):]).final)
+    return s.init
+
+
+def stage_train_config(cfg, name: str, init_dir: str | None) -> ml_collections.ConfigDict:
+    """The run config of ``apriel-jax train`` that trains stage ``name`` starting from ``init_dir``."""
+    s = cfg.stages[name]
+    tcfg = train_config()
+    tcfg.update(s.train.to_dict())
+    tcfg.run_dir = str(stage_paths(cfg, name).run)
+    tcfg.model = ml_collections.ConfigDict(cfg.model.to_dict())
+    tcfg.mesh = ml_collections.ConfigDict(cfg.mesh.to_dict())
+    tcfg.mesh.update({k: int(v) for k, v in s.mesh.items() if v})
+    tcfg.mesh_dcn = ml_collections.ConfigDict(cfg.mesh_dcn.to_dict())
+    tcfg.init.seed = s.init_seed
+    tcfg.init.from_pretrained = init_dir or ""
+    tcfg.init.param_dtype, tcfg.init.dtype = cfg.model.param_dtype, cfg.model.dtype
+    tcfg.steps = stage_steps(s)
+    if s.finalize.kind == "average" and s.finalize.num_checkpoints > 1:
+        # The averaged checkpoints are multiples of the interval: keep every one of them.
+        tcfg.checkpoint.keep_every = average_interval(s)
+    return tcfg
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    from apriel_jax.train.metrics import JSONL_NAME, read_jsonl
+
+    path = run_dir / JSONL_NAME
+    return read_jsonl(path) if path.is_file() else []
+
+
+def _first_last(entries: list[dict], split: str, key: str):
+    values = [e[key] for e in entries if e.get("split", "train") == split and e.get(key) is not None]
+    return (values[0], values[-1]) if values else (None, None)
+
+
+def _tokenizer_files(tcfg) -> dict[str, bytes]:
+    """The run's tokenizer file, carried into every final (and from there into the HF export)."""
+    if not tcfg.data.tokenizer:
+        return {}
+    from apriel_jax.data.records import resolve_tokenizer_path
+
+    path = Path(resolve_tokenizer_path(tcfg.data.tokenizer))
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()] if path.is_dir() else []
+    return {p.name: p.read_bytes() for p in files if p.name.startswith(("tokenizer", "tekken", "special_tokens"))}
+
+
+class Runner:
+    def __init__(self, cfg, log: Callable[[str], None] = print):
+        validate_pipeline(cfg)
+        self.cfg, self.log = cfg, log
+        self._mesh = None
+
+    @property
+    def mesh(self):
+        if self._mesh is None:
+            from apriel_jax.parallel.mesh import make_mesh
+
+            self._mesh = make_mesh({k: int(v) for k, v in self.cfg.mesh.items()},
+                                   dcn_degrees={k: int(v) for k, v in self.cfg.mesh_dcn.items()})
+        return self._mesh
+
+    # ------------------------------------------------------------------------------------ stages
+
+    def run(self, only: str | None = None, start: str | None = None, redo: bool = False) -> list[dict]:
+        names = select_stages(self.cfg, only, start)
+        Path(self.cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        summaries = []
+        for name in names:
+            paths = stage_paths(self.cfg, name)
+            if redo and paths.root.exists():
+                shutil.rmtree(paths.root)
+            if paths.done.is_file():
+                summary = json.loads(paths.done.read_text())
+                self.log(f"[{name}] finished earlier ({paths.done}): skipped")
+            else:
+                summary = self.run_stage(name)
+            summaries.append(summary)
+        return summaries
+
+    def run_stage(self, name: str) -> dict:
+        s, paths = self.cfg.stages[name], stage_paths(self.cfg, name)
+        t0 = time.time()
+        paths.root.mkdir(parents=True, exist_ok=True)
+        self.log(f"[{name}] {s.description or s.kind}")
+        summary = self._merge(name) if s.kind == "merge" else self._train(name)
+        summary["wall_s"] = time.time() - t0  # of this invocation (a resumed stage counts its last part)
+        paths.done.write_text(json.dumps(summary, indent=2, sort_keys=True))
+        self.log(f"[{name}] done in {summary['wall_s']:.0f} s -> {paths.final}")
+        return summary
+
+    def _init_dir(self, name: str) -> str | None:
+        s, paths = self.cfg.stages[name], stage_paths(self.cfg, name)
+        source = init_source(self.cfg, name)
+        if source is not None and not Path(source).exists():
+            raise FileNotFoundError(f"stage {name!r} starts from {source}, which does not exist "
+                                    "(run the earlier stages first, or fix stages.{name}.init)")
+        if s.transform.kind == "none":
+            return source
+        from apriel_jax.checkpoint.orbax_io import is_model_dir
+
+        if not is_model_dir(paths.init):
+            self._upscale(name, source, paths.init)
+        return str(paths.init)
+
+    def _upscale(self, name: str, source: str | None, out: Path) -> None:
+        from flax import nnx
+
+        from apriel_jax.checkpoint.orbax_io import save_model
+        from apriel_jax.model import create_model
+        from apriel_jax.stages.upscale import default_layer_map, upscale_decoder
+
+        t = self.cfg.stages[name].transform
+        if source is None:
+            model = create_model(self.cfg.model, seed=self.cfg.stages[name].init_seed, mesh=self.mesh)
+        else:
+            from apriel_jax.checkpoint.pretrained import from_pretrained
+
+            model = from_pretrained(source, mesh=self.mesh)
+        model_cfg = model.config.as_configdict() if hasattr(model.config, "as_configdict") else model.config
+        layer_map = list(t.layer_map) or default_layer_map(model_cfg.decoder.num_layers, t.num_layers)
+        new_cfg, state = upscale_decoder(nnx.state(model), model_cfg, layer_map, identity_init=t.identity_init)
+        self.log(f"[{name}] upscale decoder {model_cfg.decoder.num_layers} -> {len(layer_map)} layers "
+                 f"(layer map {layer_map}, identity init {t.identity_init})")
+        tcfg = stage_train_config(self.cfg, name, source)
+        save_model(state, new_cfg, out, overwrite=True, extra_files=_tokenizer_files(tcfg))
+
+    def _train(self, name: str) -> dict:
+        from apriel_jax.train.loop import train
+        from apriel_jax.train.optimizer import trainable_param_counts
+
+        s, paths = self.cfg.stages[name], stage_paths(self.cfg, name)
+        init_dir = self._init_dir(name)
+        tcfg = stage_train_config(self.cfg, name, init_dir)
+        result = train(tcfg)
+        if result["status"] != "completed":
+            raise StageFailed(name, result["status"],
+                              f"stage {name!r} stopped: {result['status']} at step {result['step']} "
+                              "(checkpoint saved; rerun the pipeline to resume)")
+        model_cfg = _run_model_config(paths.run)
+        ckpt_dir = Path(result["checkpoint_dir"])
+        if s.finalize.kind == "average":
+            steps = averaged_steps(s)
+            missing = [k for k in steps if not (ckpt_dir / str(k)).is_dir()]
+            if missing:
+                raise FileNotFoundError(f"stage {name!r}: checkpoints {missing} to average are not in {ckpt_dir}")
+        else:
+            steps = [int(result["step"])]
+        self._average([ckpt_dir / str(k) for k in steps], [1.0 / len(steps)] * len(steps), model_cfg,
+                      paths.final, _tokenizer_files(tcfg))
+        entries = _read_metrics(paths.run)
+        loss = _first_last(entries, "train", "loss")
+        eval_loss = _first_last(entries, "eval", "loss")
+        counting = _first_last(entries, "eval", "counting_accuracy")
+        majority = _first_last(entries, "eval", "counting_majority_baseline")[1]
+        trainable, frozen = trainable_param_counts(model_cfg, tuple(tcfg.trainable))
+        return dict(stage=name, kind="train", init=init_dir or "random", steps=int(result["step"]),
+                    tokens=int(result["step"]) * tcfg.data.global_batch * tcfg.data.seq_len,
+                    trainable_params=trainable, frozen_params=frozen, loss_start=loss[0], loss_end=loss[1],
+                    eval_loss_start=eval_loss[0], eval_loss_end=eval_loss[1],
+                    counting_accuracy_start=counting[0], counting_accuracy_end=counting[1],
+                    counting_majority_baseline=majority,
+                    averaged_steps=steps, final=str(paths.final))
+
+    def _merge(self, name: str) -> dict:
+        from apriel_jax.checkpoint.orbax_io import load_config
+        from apriel_jax.model import param_count
+
+        s, paths = self.cfg.stages[name], stage_paths(self.cfg, name)
+        sources = [stage_paths(self.cfg, other).final for other in s.merge.stages]
+        for src in sources:
+            if not src.is_dir():
+                raise FileNotFoundError(f"stage {name!r} merges {src}, which does not exist (run those stages first)")
+        model_cfg = load_config(sources[0])
+        extra = {p.name: p.read_bytes() for p in sources[0].iterdir()
+                 if p.is_file() and p.name.startswith(("tokenizer", "tekken", "special_tokens"))}
+        self.log(f"[{name}] merge {list(s.merge.stages)} with weights {list(s.merge.weights)}")
+        self._average(sources, list(s.merge.weights), model_cfg, paths.final, extra)
+        return dict(stage=name, kind="merge", init=", ".join(s.merge.stages), steps=0, tokens=0,
+                    trainable_params=0, frozen_params=param_count(model_cfg), merged=list(s.merge.stages),
+                    weights=list(s.merge.weights), final=str(paths.final))
+
+    def _average(self, sources, weights, model_cfg, out: Path, extra_files: dict[str, bytes]) -> None:
+        from apriel_jax.stages.averaging import weighted_average
+
+        weighted_average(sources, weights, model_cfg, out, mesh=self.mesh, extra_files=extra_files)
+
+    # ------------------------------------------------------------------------------------ export
+
+    def export(self) -> Path:
+        from apriel_jax.checkpoint.pretrained import orbax_to_hf
+
+        last = stage_paths(self.cfg, self.cfg.order[-1])
+        out = export_dir(self.cfg)
+        if not last.done.is_file():
+            raise FileNotFoundError(f"the last stage {self.cfg.order[-1]!r} has not finished; nothing to export")
+        stamp = out / "EXPORTED_FROM.json"
+        if stamp.is_file() and json.loads(stamp.read_text()).get("source") == str(last.final):
+            return out
+        orbax_to_hf(last.final, out, dtype=self.cfg.export.dtype or None, overwrite=True)
+        stamp.write_text(json.dumps({"source": str(last.final)}))
+        self.log(f"exported {last.final} -> {out} (Hugging Face LlavaForConditionalGeneration)")
+        return out
+
+
+def _run_model_config(run_dir: Path) -> ml_collections.ConfigDict:
+    """The model config a run trained (the train loop writes it into every checkpoint's metadata)."""
+    from apriel_jax.train.checkpointing import RunCheckpointer
+
+    with RunCheckpointer(run_dir / "checkpoints", save_every=1) as ckpt:
+        return ml_collections.ConfigDict(ckpt.read_meta()["model_config"])
+
+
+def estimated_steps(s) -> int:
+    return stage_steps(s) if s.kind == "train" else 0
+
+
+def tokens_of(s) -> int:
+    return stage_steps(s) * s.train.data.global_batch * s.train.data.seq_len if s.kind == "train" else 0
+
+
+def human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}" if not math.isnan(n) else "-"
