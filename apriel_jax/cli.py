@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", action="append", default=[], metavar="PATH",
                      help="an image file to put before the text (repeat for several, kept in order)")
     gen.add_argument("--prompt", required=True, metavar="TEXT", help="prompt text, after the images")
+    gen.add_argument("--chat", choices=("apriel", "think", "nothink"), metavar="MODE",
+                     help="render the prompt as a user turn in this chat format (apriel | think | nothink) "
+                          "and print the reasoning and the final answer separately")
     gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
     gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass, 1 = off (default)")
@@ -295,6 +298,8 @@ def _run_generate(args, overrides: list[str]) -> int:
         raise UsageError(str(e)) from None
     tokenizer = load_tokenizer(args.checkpoint)
     images = [load_image(path) for path in args.image]
+    if args.chat:
+        return _chat_generate(args, sampling, tokenizer, images)
 
     start = time.perf_counter()
     model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
@@ -321,6 +326,27 @@ def _run_generate(args, overrides: list[str]) -> int:
     print(text)
     print(f"[{len(ids)} prompt tokens ({len(images)} image(s)), {len(new)} new tokens; load {loaded:.1f}s, "
           f"generate {time.perf_counter() - start:.1f}s]", file=sys.stderr)
+    return 0
+
+
+def _chat_generate(args, sampling, tokenizer, images) -> int:
+    from apriel_jax.chat import chat
+    from apriel_jax.checkpoint.pretrained import from_pretrained
+
+    model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
+    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": args.prompt}]
+    start = time.perf_counter()
+    try:
+        reply = chat(model, tokenizer, [{"role": "user", "content": content}], mode=args.chat, sampling=sampling,
+                     seed=args.seed, longest_edge=args.longest_edge)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if reply.reasoning:
+        print(f"reasoning: {reply.reasoning}")
+    print(f"answer: {reply.answer}")
+    for call in reply.tool_calls:
+        print(f"tool call: {call}")
+    print(f"[{len(reply.tokens)} new tokens; generate {time.perf_counter() - start:.1f}s]", file=sys.stderr)
     return 0
 
 

@@ -71,13 +71,13 @@ def stage_cases(cfg, stages: list[str] | None) -> list[tuple[str, object, object
 def compile_case(model_cfg, tcfg, topology: str, num_slices: int) -> dict:
     from apriel_jax.parallel.aot import hbm_per_chip
     from apriel_jax.train.aot import compile_train_step
-    from apriel_jax.train.loop import _optimizer
+    from apriel_jax.train.loop import optimizer_from_config
 
     degrees = {k: int(v) for k, v in tcfg.mesh.items()}
     dcn = {k: int(v) for k, v in tcfg.mesh_dcn.items()}
     slices = num_slices or max(1, math.prod(dcn.values()))
     report, model_flops = compile_train_step(
-        model_cfg, _optimizer(tcfg), topology, degrees, batch=tcfg.data.global_batch, seq=tcfg.data.seq_len,
+        model_cfg, optimizer_from_config(tcfg), topology, degrees, batch=tcfg.data.global_batch, seq=tcfg.data.seq_len,
         patches=tcfg.data.patch_budget, trainable=tuple(tcfg.trainable), grad_accum_steps=tcfg.grad_accum_steps,
         chunk_size=tcfg.chunk_size, num_slices=slices, dcn_degrees=dcn if slices > 1 else None)
     hbm = hbm_per_chip(topology)

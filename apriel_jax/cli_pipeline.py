@@ -70,9 +70,11 @@ def _run(args, overrides: list[str]) -> int:
         raise UsageError("--only and --from exclude each other")
 
     from apriel_jax.stages.report import plan_text
+    from apriel_jax.stages.runner import select_stages
 
     try:
         plan = plan_text(cfg)
+        select_stages(cfg, args.only, args.start)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(plan)

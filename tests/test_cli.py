@@ -39,7 +39,8 @@ def _tensors(path):
 
 @pytest.mark.parametrize("argv", [
     [], ["demo"], ["convert"], ["convert", "hf-to-orbax"], ["convert", "orbax-to-hf"],
-    ["convert", "mistral-to-hf"], ["convert", "hf-to-mistral"], ["generate"],
+    ["convert", "mistral-to-hf"], ["convert", "hf-to-mistral"], ["generate"], ["pipeline"], ["aot"], ["train"],
+    ["plot"], ["data"],
 ])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -48,12 +49,20 @@ def test_help(argv, capsys):
     assert "usage: apriel-jax" in capsys.readouterr().out
 
 
-def test_later_subcommands_are_absent(capsys):
-    for name in ("train", "pipeline", "aot", "data"):
+def test_subcommands_that_need_arguments_say_so(capsys):
+    for name in ("train", "aot", "data"):
         with pytest.raises(SystemExit) as info:
             main([name])
         assert info.value.code == 2
     capsys.readouterr()
+
+
+def test_pipeline_plan_without_config_is_the_demo(capsys):
+    assert main(["pipeline", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pipeline demo:") and "\ncpt2 " in out and "\nmerge " in out
+    assert main(["pipeline", "--only", "nope"]) == 2
+    assert "'nope' is not a stage" in capsys.readouterr().err
 
 
 def test_demo_end_to_end(tmp_path, capsys):

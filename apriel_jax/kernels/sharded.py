@@ -24,7 +24,7 @@ from apriel_jax.parallel import rules
 def _axes_for(logical: str, mesh, size: int, extra_divisor: int = 0) -> tuple[str, ...] | None:
     """Mesh axes the logical axis maps to, kept only while their product divides ``size`` (and
     ``extra_divisor``, e.g. the kv-head count when sharding query heads)."""
-    spec = rules.logical_to_spec((logical,), mesh, rules._active_rules[-1])  # the rules being traced under
+    spec = rules.logical_to_spec((logical,), mesh, rules.active_rules())  # the rules being traced under
     entry = spec[0]
     names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
     kept: list[str] = []

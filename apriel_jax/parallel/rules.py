@@ -89,6 +89,11 @@ ACTIVATION_AXES = ("batch", None, None)
 _active_rules = [DEFAULT_RULES]
 
 
+def active_rules() -> tuple:
+    """The rules table in effect (the innermost ``use_rules``, else DEFAULT_RULES)."""
+    return _active_rules[-1]
+
+
 @contextlib.contextmanager
 def use_rules(rules):
     """Make ``rules`` the table that :func:`constrain` uses while tracing inside this context."""

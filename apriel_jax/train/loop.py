@@ -69,7 +69,8 @@ def _check_batch(cfg, mesh) -> None:
             f"{cfg.grad_accum_steps} micro-batches, so it must be a multiple of {need}")
 
 
-def _optimizer(cfg):
+def optimizer_from_config(cfg):
+    """The optimizer and learning-rate schedule a run config asks for."""
     o = cfg.optimizer
     if o.schedule == "cosine":
         schedule = cosine(o.peak_lr, cfg.steps, o.warmup_fraction, o.final_lr_fraction)
@@ -105,7 +106,7 @@ def setup(cfg):
     resume_step = ckpt.latest_step()
     model_cfg, model = _model(cfg, mesh)
     trainable = tuple(cfg.trainable)
-    optimizer = _optimizer(cfg)
+    optimizer = optimizer_from_config(cfg)
     graphdef, state = init_train_state(model, optimizer, mesh=mesh, trainable=trainable)
     del model
     step_fn = make_train_step(model_cfg, graphdef, optimizer, mesh, trainable=trainable,
