@@ -25,3 +25,28 @@ def test_real_width_step_compiles_and_fits_v5p():
     state_bytes_per_chip = param_count(cfg) * 12 / 4
     assert state_bytes_per_chip <= result.argument_bytes < state_bytes_per_chip * 1.05, result
     assert flops > 0 and result.temp_bytes > 0
+
+
+def test_aot_command_compiles_pipeline_stages_with_the_pallas_kernel(capsys, tmp_path):
+    """`apriel-jax aot` on the demo pipeline (a frozen-vision stage and a multimodal one) for a v5e slice,
+    with attention on the Mosaic kernel, as a production config would run it."""
+    import json
+
+    from pathlib import Path
+
+    from apriel_jax.cli import main
+
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "pipelines" / "demo.py")
+    out = tmp_path / "aot.json"
+    code = main(["aot", demo, "--stage", "realign", "--stage", "cpt2", "--topology",
+                 "v5e:2x2", "--config.model.attention_impl=auto", "--config.model.dtype=bfloat16",
+                 "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    rows = json.loads(out.read_text())
+    assert set(rows) == {"realign", "cpt2"}
+    for row in rows.values():
+        assert row["chips"] == 4 and row["attention"] == "auto" and 0 < row["hbm_use"] < 0.85
+        assert row["model_tflop_per_chip"] > 0
+    assert "realign " in printed and "cpt2 " in printed
+    assert main(["aot", demo, "--stage", "nope", "--topology", "v5e:2x2"]) == 2

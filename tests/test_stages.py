@@ -122,7 +122,7 @@ def test_production_plan_counts_the_15b_model():
     assert param_count(models["cpt1"]) == 14_863_859_712
     for name in cfg.order:
         assert f"\n{name} " in text
-    assert "avg6@" in text and "avg3@" in text and "32768" in text and "49152/sp2" in text
+    assert "avg6@" in text and "avg3@" in text and "32768" in text and "49152" in text
 
 
 # ------------------------------------------------------------------------------- averaging

@@ -19,8 +19,10 @@ from apriel_jax.stages.config import pipeline_config, stage
 from apriel_jax.train.config import source
 
 SEQ = {"upscale": 8192, "realign": 8192, "cpt1": 32768, "cpt2": 16384, "sft": 32768, "sft_long": 49152}
-# Tokens per optimizer step ≈ 2-4M, in line with peers at this size (not published for Apriel).
-BATCH = {8192: 256, 16384: 128, 32768: 64, 49152: 48}
+# Rows per optimizer step (2-4M tokens, in line with peers at this size; not published for Apriel). A
+# multiple of the chips the batch is sharded over: 64 on v5p-128 (override for other slices, e.g.
+# --config.stages.cpt2.train.data.global_batch=256 on v5e-256).
+BATCH = {8192: 256, 16384: 128, 32768: 64, 49152: 64}
 
 
 def _shards(root: str, name: str) -> list[str]:
@@ -50,7 +52,8 @@ def get_config(data_root: str = "gs://your-bucket/apriel-data"):
     model = get_preset("pixtral_12b")
     model.update(dtype="bfloat16", param_dtype="float32", remat_policy="full", attention_impl="auto")
     cfg.model = model
-    # v5p-128 (64 chips, topology 4x4x4): FSDP over every chip; the 49k SFT run adds sequence parallelism.
+    # v5p-128 (64 chips, topology 4x4x4): FSDP over every chip, one 49k-token row per chip in the long SFT run
+    # (full remat keeps one residual per layer; the flash kernels never build S×S scores).
     cfg.mesh.update(data=1, fsdp=-1, tensor=1, sequence=1)
     cfg.target.topology = "v5p:4x4x4"
     root = data_root.rstrip("/")
@@ -101,7 +104,6 @@ def get_config(data_root: str = "gs://your-bucket/apriel-data"):
     s = _stage(cfg, init="stage:sft_main", trainable=("decoder", "embeddings"), seq=SEQ["sft_long"], lr=1e-5,
                schedule="cosine", tokens=3_000_000_000, loss="responses",
                sources=[sft("sft_long_32k_49k", 0.6), sft("sft_le_32k", 0.4)])
-    s.mesh.update(sequence=2)  # 49k tokens per row: split the sequence over 2 devices (context parallel)
     cfg.stages.sft_long = s
 
     # The final model: equal-weight average of the two runs.
