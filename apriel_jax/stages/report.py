@@ -144,6 +144,7 @@ def summary_table(summaries: list[dict]) -> str:
 def plot_pipeline(cfg, out) -> Path | None:
     """Train and held-out loss of every stage on one step axis (stages side by side), one PNG."""
     from apriel_jax.train.metrics import JSONL_NAME, read_jsonl
+    from apriel_jax.train.plot import save_figure
 
     import matplotlib
 
@@ -186,12 +187,7 @@ def plot_pipeline(cfg, out) -> Path | None:
     ax_task.grid(alpha=0.3)
     if ax_task.get_legend_handles_labels()[0]:
         ax_task.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def write_summary(cfg, summaries: list[dict]) -> Path:

@@ -17,7 +17,6 @@ stopped by SIGTERM or by repeated non-finite steps stops the pipeline with that 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -302,18 +301,3 @@ def _run_model_config(run_dir: Path) -> ml_collections.ConfigDict:
 
     with RunCheckpointer(run_dir / "checkpoints", save_every=1) as ckpt:
         return ml_collections.ConfigDict(ckpt.read_meta()["model_config"])
-
-
-def estimated_steps(s) -> int:
-    return stage_steps(s) if s.kind == "train" else 0
-
-
-def tokens_of(s) -> int:
-    return stage_steps(s) * s.train.data.global_batch * s.train.data.seq_len if s.kind == "train" else 0
-
-
-def human(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:g}" if not math.isnan(n) else "-"

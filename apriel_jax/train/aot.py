@@ -40,10 +40,15 @@ def abstract_batch(mesh, batch: int, seq: int, patches: int, patch_dim: int = 76
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    return dict(
+    text = dict(
         tokens=spec((batch, seq), jnp.int32), targets=spec((batch, seq), jnp.int32),
         loss_mask=spec((batch, seq), jnp.float32), segment_ids=spec((batch, seq), jnp.int32),
-        positions=spec((batch, seq), jnp.int32), patches=spec((batch, patches, patch_dim), jnp.float32),
+        positions=spec((batch, seq), jnp.int32),
+    )
+    if not patches:  # text-only stages feed no patch fields, so the vision tower does not run
+        return text
+    return dict(
+        text, patches=spec((batch, patches, patch_dim), jnp.float32),
         patch_positions=spec((batch, patches, 2), jnp.int32), patch_segment_ids=spec((batch, patches), jnp.int32),
         patch_token_index=spec((batch, patches), jnp.int32),
     )

@@ -33,6 +33,13 @@ def plot_run(run_dir, out) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     axes[-1].set_xlabel("step")
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out) -> Path:
+    """Write ``fig`` as a PNG at ``out`` (parent folders created) and release it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
