@@ -78,9 +78,12 @@ def test_remat_policies_change_nothing_numerically():
     batch = random_batch(get_preset("tiny"), np.random.default_rng(2), b=1, s=24, p=8,
                          image_grids=((2, 2),))
     results = {}
-    for policy in ("none", "full", "dots"):
+    # "full/2": nested remat over groups of 2 decoder layers (4 layers here, so two groups).
+    for policy in ("none", "full", "dots", "full/2"):
         cfg = get_preset("tiny")
-        cfg.remat_policy = policy
+        cfg.decoder.num_layers = 4
+        cfg.remat_policy, _, group = policy.partition("/")
+        cfg.remat_group = int(group or 1)
         graphdef, state = nnx.split(create_model(cfg, seed=0))
         loss = lambda st: nnx.merge(graphdef, st)(batch).mean()
         results[policy] = jax.jit(jax.value_and_grad(loss))(state)
@@ -107,6 +110,10 @@ def test_invalid_config_is_rejected():
     with pytest.raises(ValueError) as err:
         create_model(cfg)
     assert "num_kv_heads" in str(err.value) and "swish2" in str(err.value)
+    cfg = get_preset("tiny")
+    cfg.remat_group = 3
+    with pytest.raises(ValueError, match="remat_group=3 must be >= 1 and divide decoder.num_layers=2"):
+        create_model(cfg)
 
 
 def test_bfloat16_compute_with_fp32_master_weights():

@@ -42,7 +42,8 @@ class AprielModel(nnx.Module):
         common = dict(impl=config.attention_impl, remat_policy=config.remat_policy, **kw)
         self.vision = VisionEncoder(config.vision, feature_layer=config.projector.vision_feature_layer, **common)
         self.projector = Projector(config.vision.hidden_size, config.decoder.hidden_size, config.projector, **kw)
-        self.decoder = Decoder(config.decoder, **common)
+        # remat_group: older saved configs lack the key (one layer per remat group).
+        self.decoder = Decoder(config.decoder, remat_group=config.get("remat_group", 1), **common)
 
     def image_features(self, patches, patch_positions, patch_segment_ids):
         """Projected vision features [B, P, text_hidden] for the batch's patches."""

@@ -77,6 +77,7 @@ def model_config(vision=None, projector=None, decoder=None, **overrides) -> ml_c
             dtype="float32",  # compute dtype (bfloat16 on accelerators)
             param_dtype="float32",  # storage dtype of parameters (fp32 master weights for training)
             remat_policy="none",  # one of REMAT_POLICIES
+            remat_group=1,  # > 1: nested remat over groups of this many decoder layers (must divide them)
             attention_impl="xla",  # kernels/attention.py implementation name
         )
     )
@@ -102,6 +103,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         problems.append(f"projector.hidden_act={cfg.projector.hidden_act!r} is not one of {ACTIVATIONS}")
     if cfg.remat_policy not in REMAT_POLICIES:
         problems.append(f"remat_policy={cfg.remat_policy!r} is not one of {REMAT_POLICIES}")
+    group = cfg.get("remat_group", 1)
+    if group < 1 or d.num_layers % group:
+        problems.append(f"remat_group={group} must be >= 1 and divide decoder.num_layers={d.num_layers}")
     if not 0 <= cfg.image_token_id < d.vocab_size:
         problems.append(f"image_token_id={cfg.image_token_id} is outside the vocabulary (size {d.vocab_size})")
     for name, value in (("vision.num_layers", v.num_layers), ("decoder.num_layers", d.num_layers)):

@@ -54,11 +54,12 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, cfg, *, impl="xla", remat_policy="none", rngs: nnx.Rngs, param_dtype, dtype):
+    def __init__(self, cfg, *, impl="xla", remat_policy="none", remat_group=1, rngs: nnx.Rngs, param_dtype,
+                 dtype):
         # Plain scalars only: module attributes become static graph metadata, which must be hashable.
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.dtype = dtype
-        self.remat_policy = remat_policy
+        self.remat_policy, self.remat_group = remat_policy, int(remat_group)
         self.embed = logical_param(
             normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype), ("vocab", "embed")
         )
@@ -86,7 +87,7 @@ class Decoder(nnx.Module):
                 h, _ = layer(h, angles, segment_ids)
                 return h, None
 
-            x, _ = scan_stack(self.layers, body, x, remat_policy=self.remat_policy)
+            x, _ = scan_stack(self.layers, body, x, remat_policy=self.remat_policy, remat_group=self.remat_group)
             return self.norm(x), None
 
         cache_segments = jax.lax.dynamic_update_slice(kv_cache.segment_ids, segment_ids, (0, kv_cache.index))
