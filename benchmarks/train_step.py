@@ -5,8 +5,13 @@ sequence 1024, batch 4, fp32, AdamW. Measured: median step time of 5 steps after
 achieved GFLOP/s (model FLOPs of ``train_step_flops``) and the machine's fp32 matmul peak (a jitted
 4096^3 ``jnp.dot``, best of 5). "vision on" adds a small vision tower fed 2 images of 256x256 (2 x 256
 patches) per row; "vision off" feeds no patches (text-only batch). transformers runs text only.
+All systems are timed round-robin in one process (one step of each per round), so load from other
+processes on a shared machine hits them alike: compare them within one run, not across runs.
 
-    python benchmarks/train_step.py [--skip-torch] [--skip-vision]
+The attention implementation is ``auto`` (what the pipelines use; ``xla_blocked`` on CPU) unless
+``--attention`` names another; the table says which one ran.
+
+    python benchmarks/train_step.py [--skip-torch] [--skip-vision] [--attention IMPL]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apriel_jax.kernels.attention import resolve_impl
 from apriel_jax.model import create_model, get_preset
 from apriel_jax.train.flops import train_step_flops
 from apriel_jax.train.optimizer import make_optimizer
@@ -28,8 +34,9 @@ B, S, IMAGES, SIDE = 4, 1024, 2, 16  # images per row, patches per image side (2
 LR, WD, BETAS = 1e-4, 0.1, (0.9, 0.95)
 
 
-def bench_small(vision: bool):
+def bench_small(vision: bool, attention: str = "auto"):
     cfg = get_preset("tiny")
+    cfg.attention_impl = attention
     d = cfg.decoder
     d.vocab_size, d.hidden_size, d.intermediate_size, d.num_layers = 32768, 512, 1536, 8
     d.num_heads, d.num_kv_heads, d.head_dim = 8, 2, 64
@@ -60,19 +67,9 @@ def make_batch(cfg, vision: bool, seed: int = 0) -> dict:
     return batch
 
 
-def timed(fn, warmup=2, repeats=5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def jax_step_time(vision: bool) -> tuple[float, float]:
-    cfg = bench_small(vision)
+def jax_step(vision: bool, attention: str):
+    """(one-step callable, model FLOPs of a step)."""
+    cfg = bench_small(vision, attention)
     optimizer = make_optimizer(LR, b1=BETAS[0], b2=BETAS[1], weight_decay=WD, clip_norm=1.0)
     graphdef, state = init_train_state(create_model(cfg), optimizer)
     step = make_train_step(cfg, graphdef, optimizer, chunk_size=1024)
@@ -83,12 +80,12 @@ def jax_step_time(vision: bool) -> tuple[float, float]:
         holder[0], metrics = step(holder[0], batch)
         jax.block_until_ready(metrics)
 
-    seconds = timed(run)
     patches = [SIDE * SIDE] * (IMAGES * B) if vision else []
-    return seconds, train_step_flops(cfg, batch=B, seq_len=S, image_patch_counts=patches)
+    return run, train_step_flops(cfg, batch=B, seq_len=S, image_patch_counts=patches)
 
 
-def torch_step_time() -> float:
+def torch_step():
+    """One-step callable of transformers' model."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -109,40 +106,71 @@ def torch_step_time() -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(run)
+    return run
 
 
-def matmul_peak() -> float:
+def matmul():
+    """One jitted 4096^3 fp32 ``jnp.dot`` (2 x 4096^3 FLOPs)."""
     a = jnp.ones((4096, 4096), jnp.float32)
     dot = jax.jit(jnp.dot)
     jax.block_until_ready(dot(a, a))
-    best = min(timed(lambda: jax.block_until_ready(dot(a, a)), warmup=0, repeats=1) for _ in range(5))
-    return 2 * 4096**3 / best
+    return lambda: jax.block_until_ready(dot(a, a))
+
+
+def interleaved(fns: dict, warmup=2, repeats=5) -> dict:
+    """Per-callable step times, measured round-robin (one call of each per round) so that load from other
+    processes on a shared machine hits every system alike; returns the lists of times."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-vision", action="store_true")
+    parser.add_argument("--attention", default="auto", help="attention impl(s) of the apriel-jax runs, comma-separated (default auto); "
+                        "the first is compared with transformers")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     args = parser.parse_args()
-    peak = matmul_peak()
-    rows = []
-    t, flops = jax_step_time(False)
-    rows.append(("apriel-jax, vision off", t, flops))
-    if not args.skip_vision:
-        tv, flops_v = jax_step_time(True)
-        rows.append(("apriel-jax, vision on (2x256 patches/row)", tv, flops_v))
+    d = bench_small(False).decoder
+    shape = lambda h: jax.ShapeDtypeStruct((B, S, h, d.head_dim), jnp.float32)  # noqa: E731
+    runs = {}  # name -> (attention impl, FLOPs)
+    fns = {"peak": matmul()}
+    for attention in args.attention.split(","):  # the first one is compared with transformers
+        impl = resolve_impl(attention, shape(d.num_heads), shape(d.num_kv_heads))
+        label = "" if attention == args.attention else f" [{attention}]"
+        fns[name := f"apriel-jax, vision off{label}"], flops = jax_step(False, attention)
+        runs[name] = (impl, flops)
+        if not args.skip_vision:
+            fns[name := f"apriel-jax, vision on (2x256 patches/row){label}"], flops_v = jax_step(True, attention)
+            runs[name] = (impl, flops_v)
     if not args.skip_torch:
-        rows.append(("transformers MistralForCausalLM (sdpa)", torch_step_time(), flops))
+        fns["transformers MistralForCausalLM (sdpa)"] = torch_step()
+        runs["transformers MistralForCausalLM (sdpa)"] = ("sdpa", flops)
+    times = interleaved(fns, repeats=args.repeats)
+    peak = 2 * 4096**3 / min(times.pop("peak"))  # best round: the machine's peak, not its load
+    rows = [(name, attn, statistics.median(times[name]), fl) for name, (attn, fl) in runs.items()]
+    t = rows[0][2]  # apriel-jax, vision off, first attention impl
     print(f"\nbench_small: B={B} S={S}, fp32, AdamW; {jax.devices()[0].device_kind}, "
           f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s\n")
-    print(f"| {'run':44s} | step s | tokens/s | GFLOP/s | % of matmul peak |")
-    print(f"|{'-' * 46}|--------|----------|---------|------------------|")
-    for name, seconds, fl in rows:
-        print(f"| {name:44s} | {seconds:6.2f} | {B * S / seconds:8.0f} | {fl / seconds / 1e9:7.1f} | "
+    print(f"| {'run':44s} | attention   | step s | tokens/s | GFLOP/s | % of matmul peak |")
+    print(f"|{'-' * 46}|-------------|--------|----------|---------|------------------|")
+    for name, attn, seconds, fl in rows:
+        print(f"| {name:44s} | {attn:11s} | {seconds:6.2f} | {B * S / seconds:8.0f} | {fl / seconds / 1e9:7.1f} | "
               f"{100 * fl / seconds / peak:15.1f}% |")
     if not args.skip_torch:
-        print(f"\napriel-jax / transformers speed (vision off): {rows[-1][1] / t:.2f}x")
+        print(f"\napriel-jax / transformers speed (vision off): {rows[-1][2] / t:.2f}x")
+        for name, attn, seconds, _ in rows[1:-1]:
+            if "vision off" in name:
+                print(f"  {name} / transformers: {rows[-1][2] / seconds:.2f}x")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def test_decoding_falls_back_to_xla_and_windows_are_refused(rng):
 def test_auto_and_baseline_choices_on_cpu(rng):
     q, k, v, seg = inputs(rng, 4, 2, 64, jnp.bfloat16, b=1, s=16)
     assert jax.default_backend() == "cpu"
-    assert resolve_impl("auto", q, k) == "xla"
+    assert resolve_impl("auto", q, k) == "xla_blocked"  # plain XLA that skips fully masked causal blocks
     assert resolve_impl("pallas", q, k) == "pallas_gpu"  # off TPU the Triton kernel (interpret here)
     with pytest.raises(ValueError, match="head_dim"):  # jax's splash kernel cannot do the vision tower
         attention(q, k, v, seg, seg, causal=False, impl="splash")

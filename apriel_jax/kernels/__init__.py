@@ -1,3 +1,3 @@
 """Attention kernels. Importing the package registers every implementation with ``attention.register``."""
 
-from apriel_jax.kernels import attention, cudnn, flash_gpu, flash_tpu, splash  # noqa: F401
+from apriel_jax.kernels import attention, blocked_xla, cudnn, flash_gpu, flash_tpu, splash  # noqa: F401

@@ -13,7 +13,8 @@ Implementations (registered by the modules of this package):
   both names can also be asked for explicitly (on CPU they run in interpret mode).
 - ``splash``: jax's packaged TPU splash kernel (baseline; rejects head_dim 64).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU only).
-- ``auto``: TPU -> ``pallas``; GPU -> ``cudnn`` when it supports the call, else ``pallas``; CPU -> ``xla``.
+- ``xla_blocked``: plain XLA that skips fully masked causal blocks, hand-written backward (CPU).
+- ``auto``: TPU -> ``pallas``; GPU -> ``cudnn`` when it supports the call, else ``pallas``; CPU -> ``xla_blocked``.
 
 The fused kernels are training kernels: KV-cache decoding (a non-zero ``q_offset`` or Sq != Sk) always
 runs on ``xla`` whatever ``impl`` says; a sliding window makes an explicit fused impl raise ValueError
@@ -103,7 +104,8 @@ def _auto_impl(q: jax.Array, k: jax.Array) -> str:
         from apriel_jax.kernels.cudnn import cudnn_supports
 
         return "cudnn" if cudnn_supports(q, k) else "pallas_gpu"
-    return "xla"
+    # CPU: the oracle's math, but causal blocks above the diagonal are never computed (blocked_xla.py).
+    return "xla_blocked"
 
 
 def resolve_impl(impl: str, q: jax.Array, k: jax.Array) -> str:
