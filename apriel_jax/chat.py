@@ -22,6 +22,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from apriel_jax.checkpoint.hf_config import ConfigError
 from apriel_jax.data.chat import ChatFormat, parse_response
 from apriel_jax.data.images import ImageConfig
 from apriel_jax.data.prompt import prompt_batch
@@ -37,19 +38,25 @@ class Reply:
     tokens: list[int]
 
 
+def check_tokenizer_fits(cfg, tokenizer, prompt_ids) -> None:
+    """ConfigError (a ValueError) when ``tokenizer`` cannot belong to a model with config ``cfg``: a different
+    ``[IMG]`` id, or prompt ids outside the model's vocabulary."""
+    if tokenizer.image_id != cfg.image_token_id:
+        raise ConfigError(f"tokenizer's [IMG] id {tokenizer.image_id} differs from the model's image_token_id "
+                          f"{cfg.image_token_id}: the tokenizer does not belong to this checkpoint")
+    if prompt_ids and max(prompt_ids) >= cfg.decoder.vocab_size:
+        raise ConfigError(f"the prompt has token id {max(prompt_ids)}, outside the model's vocabulary "
+                          f"({cfg.decoder.vocab_size}): the tokenizer does not belong to this checkpoint")
+
+
 def chat(model, tokenizer, messages: Sequence[dict], *, mode: str = "apriel", tools=None,
          sampling: SamplingConfig | None = None, seed: int = 0, longest_edge: int = 1024) -> Reply:
     """One assistant turn for ``messages`` (the chat-record format of the data pipeline)."""
     cfg = model.config
-    if tokenizer.image_id != cfg.image_token_id:
-        raise ValueError(f"tokenizer's [IMG] id {tokenizer.image_id} differs from the model's image_token_id "
-                         f"{cfg.image_token_id}: the tokenizer does not belong to this model")
     fmt = ChatFormat(mode=mode, image_cfg=ImageConfig(longest_edge=min(longest_edge, cfg.vision.image_size),
                                                       patch_size=cfg.vision.patch_size))
     doc = fmt.encode(list(messages), tokenizer, tools=tools, add_generation_prompt=True)
-    if doc.tokens.size and int(doc.tokens.max()) >= cfg.decoder.vocab_size:
-        raise ValueError(f"the prompt has token id {int(doc.tokens.max())}, outside the model's vocabulary "
-                         f"({cfg.decoder.vocab_size}): the tokenizer does not belong to this model")
+    check_tokenizer_fits(cfg, tokenizer, doc.tokens.tolist())
     batch = prompt_batch([(doc.tokens.tolist(), [(im.patches, im.positions) for im in doc.images])],
                          pad_id=tokenizer.pad_id, image_id=tokenizer.image_id)
     sampling = dataclasses.replace(sampling or SamplingConfig(max_new_tokens=256),

@@ -280,7 +280,7 @@ def _run_generate(args, overrides: list[str]) -> int:
     import jax
     import numpy as np
 
-    from apriel_jax.checkpoint.hf_config import ConfigError
+    from apriel_jax.chat import check_tokenizer_fits
     from apriel_jax.checkpoint.pretrained import detect_format, from_pretrained
     from apriel_jax.data.images import ImageConfig, load_image
     from apriel_jax.data.prompt import encode_prompt, prompt_batch
@@ -304,15 +304,10 @@ def _run_generate(args, overrides: list[str]) -> int:
     start = time.perf_counter()
     model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
     cfg = model.config
-    if tokenizer.image_id != cfg.image_token_id:
-        raise ConfigError(f"tokenizer's [IMG] id {tokenizer.image_id} differs from the model's image_token_id "
-                          f"{cfg.image_token_id}: the tokenizer does not belong to this checkpoint")
     image_cfg = ImageConfig(longest_edge=min(args.longest_edge, cfg.vision.image_size),
                             patch_size=cfg.vision.patch_size)
     ids, encoded = encode_prompt([*images, args.prompt], tokenizer, image_cfg)
-    if max(ids) >= cfg.decoder.vocab_size:
-        raise ConfigError(f"the prompt has token id {max(ids)}, outside the model's vocabulary "
-                          f"({cfg.decoder.vocab_size}): the tokenizer does not belong to this checkpoint")
+    check_tokenizer_fits(cfg, tokenizer, ids)
     batch = prompt_batch([(ids, encoded)], pad_id=tokenizer.pad_id, image_id=tokenizer.image_id)
     loaded = time.perf_counter() - start
 

@@ -695,22 +695,13 @@ steps, tokens, schedule, loss and finalize (`avgN@steps`: the checkpoints averag
         code("""\
 from pathlib import Path
 
-from apriel_jax.stages.demo import get_config as demo_config
+from apriel_jax.stages.demo import get_config as demo_config, shrink_to_smoke_size
 from apriel_jax.stages.report import plan_text
 
 cfg = demo_config()
 cfg.run_dir = "runs/notebooks/recipe"
 if SMOKE:  # CI: every stage cut to a few steps (averaged stages: 3 steps, each one checkpointed and averaged)
-    for stage_name in cfg.order:
-        s = cfg.stages[stage_name]
-        if s.kind != "train":
-            continue
-        averaged = s.finalize.kind == "average"
-        s.train.steps = 3 if averaged else 2
-        s.train.checkpoint.save_every = 1 if averaged else s.train.steps
-        s.train.eval.update(every=s.train.steps, batches=1)
-        if s.train.eval.counting_samples:
-            s.train.eval.counting_samples = 4
+    shrink_to_smoke_size(cfg)
 print(plan_text(cfg))"""),
         md("""\
 ## The plan at full size

@@ -18,7 +18,7 @@ from apriel_jax.model import create_model, get_preset, param_count
 from apriel_jax.model.factory import abstract_model, param_path
 from apriel_jax.stages.averaging import weighted_average
 from apriel_jax.stages.config import averaged_steps, pipeline_config, stage, validate_pipeline
-from apriel_jax.stages.demo import get_config as demo_config
+from apriel_jax.stages.demo import get_config as demo_config, shrink_to_smoke_size
 from apriel_jax.stages.report import plan_text, stage_model_configs
 from apriel_jax.stages.runner import stage_train_config
 from apriel_jax.train import inputs
@@ -257,16 +257,7 @@ def test_demo_pipeline_runs_end_to_end_and_exports_for_transformers(tmp_path, ca
     cfg = demo_config()
     cfg.run_dir = str(tmp_path / "demo")
     cfg.mesh.update(fsdp=4, tensor=2)  # every stage also runs tensor-parallel
-    for name in cfg.order:
-        s = cfg.stages[name]
-        if s.kind != "train":
-            continue
-        averaged = s.finalize.kind == "average"
-        s.train.steps = 6 if averaged else 2
-        s.train.checkpoint.save_every = 2 if averaged else s.train.steps
-        s.train.eval.update(every=s.train.steps, batches=1)
-        if s.train.eval.counting_samples:
-            s.train.eval.counting_samples = 4
+    shrink_to_smoke_size(cfg, averaged_save_every=2)  # averaged stages: checkpoints at 2, 4, 6
     assert run_and_report(cfg) == 0
     out = capsys.readouterr().out
     assert "transformers check: LlavaForConditionalGeneration loads it" in out

@@ -143,3 +143,23 @@ def get_config():
 
     cfg.export.hf_dir = ""  # default: RUN_DIR/export/hf
     return cfg
+
+
+def shrink_to_smoke_size(cfg, *, averaged_save_every: int = 1):
+    """Cut every training stage of a pipeline config to a few steps, in place (tests, the notebooks' smoke
+    mode): 2 steps, or for an averaged stage exactly its ``num_checkpoints`` checkpoints,
+    ``averaged_save_every`` steps apart; one held-out batch at the end; 4 counting questions."""
+    for name in cfg.order:
+        s = cfg.stages[name]
+        if s.kind != "train":
+            continue
+        if s.finalize.kind == "average":
+            s.train.checkpoint.save_every = averaged_save_every
+            s.train.steps = s.finalize.num_checkpoints * averaged_save_every
+        else:
+            s.train.steps = 2
+            s.train.checkpoint.save_every = s.train.steps
+        s.train.eval.update(every=s.train.steps, batches=1)
+        if s.train.eval.counting_samples:
+            s.train.eval.counting_samples = 4
+    return cfg

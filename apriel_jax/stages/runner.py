@@ -126,15 +126,21 @@ def _first_last(entries: list[dict], split: str, key: str):
     return (values[0], values[-1]) if values else (None, None)
 
 
-def _tokenizer_files(tcfg) -> dict[str, bytes]:
-    """The run's tokenizer file, carried into every final (and from there into the HF export)."""
+def _tokenizer_files(path) -> dict[str, bytes]:
+    """Tokenizer files at ``path`` (a file, or a directory such as a stage's final), carried into every
+    final and from there into the HF export."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()] if path.is_dir() else []
+    return {p.name: p.read_bytes() for p in files if p.name.startswith(("tokenizer", "tekken", "special_tokens"))}
+
+
+def _run_tokenizer_files(tcfg) -> dict[str, bytes]:
+    """The tokenizer files of a stage's run config (none for byte-level text)."""
     if not tcfg.data.tokenizer:
         return {}
     from apriel_jax.data.records import resolve_tokenizer_path
 
-    path = Path(resolve_tokenizer_path(tcfg.data.tokenizer))
-    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()] if path.is_dir() else []
-    return {p.name: p.read_bytes() for p in files if p.name.startswith(("tokenizer", "tekken", "special_tokens"))}
+    return _tokenizer_files(resolve_tokenizer_path(tcfg.data.tokenizer))
 
 
 class Runner:
@@ -215,7 +221,7 @@ class Runner:
         self.log(f"[{name}] upscale decoder {model_cfg.decoder.num_layers} -> {len(layer_map)} layers "
                  f"(layer map {layer_map}, identity init {t.identity_init})")
         tcfg = stage_train_config(self.cfg, name, source)
-        save_model(state, new_cfg, out, overwrite=True, extra_files=_tokenizer_files(tcfg))
+        save_model(state, new_cfg, out, overwrite=True, extra_files=_run_tokenizer_files(tcfg))
 
     def _train(self, name: str) -> dict:
         from apriel_jax.train.loop import train
@@ -239,7 +245,7 @@ class Runner:
         else:
             steps = [int(result["step"])]
         self._average([ckpt_dir / str(k) for k in steps], [1.0 / len(steps)] * len(steps), model_cfg,
-                      paths.final, _tokenizer_files(tcfg))
+                      paths.final, _run_tokenizer_files(tcfg))
         entries = _read_metrics(paths.run)
         loss = _first_last(entries, "train", "loss")
         eval_loss = _first_last(entries, "eval", "loss")
@@ -264,8 +270,7 @@ class Runner:
             if not src.is_dir():
                 raise FileNotFoundError(f"stage {name!r} merges {src}, which does not exist (run those stages first)")
         model_cfg = load_config(sources[0])
-        extra = {p.name: p.read_bytes() for p in sources[0].iterdir()
-                 if p.is_file() and p.name.startswith(("tokenizer", "tekken", "special_tokens"))}
+        extra = _tokenizer_files(sources[0])
         self.log(f"[{name}] merge {list(s.merge.stages)} with weights {list(s.merge.weights)}")
         self._average(sources, list(s.merge.weights), model_cfg, paths.final, extra)
         return dict(stage=name, kind="merge", init=", ".join(s.merge.stages), steps=0, tokens=0,

@@ -56,6 +56,11 @@ class ParagraphSource:
         return {"text": self.paragraphs[i]}
 
 
+def synthetic_image_size(spec: dict) -> int:
+    """Side in pixels of the square images of a ``synthetic`` source (option ``image_size``, default 256)."""
+    return int((spec.get("options") or {}).get("image_size", 256))
+
+
 def make_source(spec: dict, cfg, seed: int):
     kind, paths = spec["kind"], list(spec.get("paths") or [])
     if kind == "bytes_text":
@@ -69,7 +74,7 @@ def make_source(spec: dict, cfg, seed: int):
             raise ValueError(f"source {spec['name']!r}: synthetic visual tasks are chats with images and need "
                              "data.tokenizer (a tokenizer path or 'pixtral')")
         opts = dict(spec.get("options") or {})
-        size = int(opts.get("image_size", 256))
+        size = synthetic_image_size(spec)
         return TaskMixture(weights=opts.get("tasks") or None, difficulty=opts.get("difficulty", 0.5),
                            size=(size, size), seed=seed)
     if kind == "synthetic_chat":

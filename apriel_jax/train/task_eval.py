@@ -19,6 +19,7 @@ from apriel_jax.data.synthetic import TaskMixture
 from apriel_jax.data.synthetic.metrics import counting_accuracy
 from apriel_jax.data.tokenizer import load_tokenizer
 from apriel_jax.model.generate import SamplingConfig, generate
+from apriel_jax.train.inputs import synthetic_image_size
 
 HELD_OUT_START = 10**9  # training reads synthetic samples from index 0 upwards
 
@@ -28,9 +29,8 @@ class CountingEval:
         self.tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.data.tokenizer))
         self.chat = ChatFormat(mode=cfg.data.chat_format, image_cfg=ImageConfig(longest_edge=cfg.model.vision.image_size))
         # Same image size (and so the same patch count) as the synthetic tasks the run trains on.
-        sizes = [int((s.get("options") or {}).get("image_size", 256)) for s in cfg.data.sources
-                 if s["kind"] == "synthetic"]
-        size = sizes[0] if sizes else 256
+        synthetic = [s for s in cfg.data.sources if s["kind"] == "synthetic"]
+        size = synthetic_image_size(synthetic[0] if synthetic else {})
         samples = TaskMixture(weights={"counting": 1.0}, seed=cfg.eval.seed, start=HELD_OUT_START,
                               length=num_samples, size=(size, size))
         self.answers = [samples[i]["answer"] for i in range(num_samples)]

@@ -55,8 +55,28 @@ def _procedure(rng: np.random.Generator) -> str:
 GRAMMARS = {"arithmetic": _arithmetic, "scenes": _scene, "procedures": _procedure}
 
 
-class SyntheticText:
+class _IndexedGenerator:
+    """Random access by index (grain ``RandomAccessDataSource``): item ``i`` is drawn from a generator seeded
+    by ``(seed, start + i, salt)`` only, so any worker can produce any item in any order."""
+
+    _salt = 0
+
+    def __init__(self, seed: int = 0, length: int = 1_000_000, start: int = 0):
+        self.seed, self.length, self.start = int(seed), int(length), int(start)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _rng(self, i: int) -> np.random.Generator:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        return np.random.default_rng(np.random.SeedSequence([self.seed, self.start + int(i), self._salt]))
+
+
+class SyntheticText(_IndexedGenerator):
     """Random-access ``{"text": paragraph}`` records; ``topics``: grammar name -> weight."""
+
+    _salt = 7
 
     def __init__(self, topics: dict[str, float] | None = None, seed: int = 0, length: int = 1_000_000,
                  start: int = 0):
@@ -69,15 +89,10 @@ class SyntheticText:
             raise ValueError(f"text topic weights must have a positive entry, got {topics}")
         weights = np.array([topics[n] for n in self.names], float)
         self.probs = weights / weights.sum()
-        self.seed, self.length, self.start = int(seed), int(length), int(start)
-
-    def __len__(self) -> int:
-        return self.length
+        super().__init__(seed, length, start)
 
     def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.length:
-            raise IndexError(i)
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.start + int(i), 7]))
+        rng = self._rng(i)
         topic = self.names[int(rng.choice(len(self.names), p=self.probs))]
         paragraphs = [GRAMMARS[topic](rng) for _ in range(int(rng.integers(1, 3)))]
         return {"text": "\n".join(paragraphs)}
@@ -99,20 +114,14 @@ def _word_problem(rng: np.random.Generator) -> tuple[str, str, str]:
     return question, reasoning, str(a + b - c)
 
 
-class SyntheticReasoningChats:
+class SyntheticReasoningChats(_IndexedGenerator):
     """Random-access SFT chats with a reasoning trace (``{"messages": [...]}``): arithmetic word problems
     whose assistant turn carries ``reasoning`` and a short final answer; item ``i`` depends on ``(seed, i)``."""
 
-    def __init__(self, seed: int = 0, length: int = 1_000_000, start: int = 0):
-        self.seed, self.length, self.start = int(seed), int(length), int(start)
-
-    def __len__(self) -> int:
-        return self.length
+    _salt = 11
 
     def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.length:
-            raise IndexError(i)
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.start + int(i), 11]))
+        rng = self._rng(i)
         question, reasoning, answer = _word_problem(rng)
         return {"messages": [{"role": "user", "content": question},
                              {"role": "assistant", "reasoning": reasoning, "content": f"The answer is {answer}."}]}
