@@ -63,6 +63,13 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     # TensorBoard event files without tensorflow.
     "tensorboardX>=2.6.5,<3",
+    # gs:// locations (apriel_jax.storage): etils.epath over fsspec/gcsfs for file operations; CRC32C to
+    # verify downloads; orbax/tensorstore and array_record speak GCS themselves.
+    "etils[epath]>=1.12",
+    "gcsfs>=2025.3",
+    "google-crc32c>=1.5",
+    # Parquet data shards (most public VLM datasets); also required by tensorflow-datasets.
+    "pyarrow>=15",
 ]
 
 NOTEBOOK_KERNEL_REQUIRES = [
@@ -78,6 +85,8 @@ EXTRAS_REQUIRE = {
         # Exact pin on purpose: see the module docstring.
         "torch==2.13.0",
         'libtpu>=0.0.52,<0.0.53; platform_system == "Linux"',
+        # A GCS JSON API server on loopback: the gs:// tests run against it (tests/gcs_server.py).
+        "gcp-storage-emulator>=2024.8",
         *NOTEBOOK_KERNEL_REQUIRES,
     ],
     "tpu": [f"jax[tpu]{JAX_RANGE}"],

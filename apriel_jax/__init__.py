@@ -1,6 +1,12 @@
 """apriel-jax: the Apriel-1.5 training recipe (Pixtral encoder + projector + Mistral-NeMo decoder) in JAX."""
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# gcsfs reads this once, when it is imported, and whoever imports it first (tensorflow-datasets, a user's
+# script) decides: set it before anything can. See apriel_jax.storage.gcs.configure_environment.
+_os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def from_pretrained(path, **kwargs):

@@ -89,3 +89,49 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """
     seed = zlib.crc32(request.node.nodeid.encode("utf-8"))
     return np.random.default_rng(seed)
+
+
+# --- Cloud storage: a real GCS JSON API server on loopback (tests/gcs_server.py), shared by the session.
+GCS_BUCKET = "apriel-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """Start the emulator once and point every GCS client of this process and its children at it.
+
+    ``STORAGE_EMULATOR_HOST`` alone would do (``apriel_jax.storage.gcs`` derives the rest); the derived
+    variables are set here too so the fixture does not depend on the code under test.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("gcs_server.py")
+    proc = subprocess.Popen([sys.executable, str(script), "--bucket", GCS_BUCKET], stdout=subprocess.PIPE,
+                            text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("READY"):
+        proc.kill()
+        raise RuntimeError(f"the GCS emulator did not start: {line!r}")
+    url = f"http://127.0.0.1:{int(line.split()[1])}"
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield url
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def gcs_root(gcs_server, request) -> str:
+    """A fresh ``gs://`` prefix for one test on the emulator (nothing else writes under it)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60]
+    return f"gs://{GCS_BUCKET}/{name}-{zlib.crc32(request.node.nodeid.encode()):08x}"
