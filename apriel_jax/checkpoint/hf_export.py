@@ -2,19 +2,21 @@
 consolidated format): sharded safetensors + index + config.json (+ tokenizer files).
 
 Tensors are produced one at a time (one layer of one stacked parameter gathered to the host, converted,
-written, dropped), so host memory stays near one tensor. The output directory appears atomically: a
-failed export leaves nothing behind.
+written, dropped), so host memory stays near one tensor. The output directory (local or ``gs://``) is
+published through ``storage.new_directory``: locally it appears atomically and a failed export leaves
+nothing behind; on GCS its marker (config.json, or params.json in the Mistral layout) is written last
+and readers refuse the directory without it.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
+from apriel_jax import storage
 from apriel_jax.checkpoint.hf_config import to_hf_config
 from apriel_jax.checkpoint.keymap import key_map
 from apriel_jax.model.factory import param_path
@@ -57,8 +59,9 @@ def tensor_specs(state: nnx.State, cfg, *, layout: str = "hf4", dtype: str | Non
 
 def export_hf(state: nnx.State, cfg, out_dir, *, dtype: str | None = None, source_dir=None,
               token_ids: dict[str, int] | None = None, max_shard_bytes: int = 5 * 2**30,
-              overwrite: bool = False, layout: str = "hf4") -> Path:
-    """Write an HF checkpoint directory that ``LlavaForConditionalGeneration.from_pretrained`` loads.
+              overwrite: bool = False, layout: str = "hf4") -> storage.Location:
+    """Write an HF checkpoint directory (local or ``gs://``; config.json is its marker, written last)
+    that ``LlavaForConditionalGeneration.from_pretrained`` loads.
 
     ``dtype`` is the stored dtype (default: the parameters' own). Tokenizer, chat template and
     processor files are copied from ``source_dir`` when it has them. ``token_ids`` (bos/eos/pad ids for
@@ -74,30 +77,37 @@ def export_hf(state: nnx.State, cfg, out_dir, *, dtype: str | None = None, sourc
         out_dir, tensor_specs(state, cfg, layout=layout, dtype=dtype), max_shard_bytes=max_shard_bytes,
         extra_files=extra, overwrite=overwrite,
     )
-    return Path(out_dir)
+    return storage.location(out_dir)
+
+
+def _files_in(source_dir, names) -> list:
+    """Locations of those of ``names`` that are files in ``source_dir`` (one listing, also on GCS)."""
+    loc = storage.location(source_dir)
+    with storage.storage_errors(loc, "read"):
+        if not loc.is_dir():
+            return []
+        present = {p.name for p in loc.iterdir()}
+        return [loc / name for name in names if name in present and (loc / name).is_file()]
 
 
 def sidecars(source_dir) -> dict[str, bytes]:
     """Tokenizer/processor files of ``source_dir`` (name -> bytes) to carry into a converted checkpoint."""
     if source_dir is None:
         return {}
-    source_dir = Path(source_dir)
-    return {name: (source_dir / name).read_bytes() for name in SIDECAR_FILES if (source_dir / name).is_file()}
+    return {path.name: storage.read_bytes(path) for path in _files_in(source_dir, SIDECAR_FILES)}
 
 
 def source_token_ids(source_dir) -> dict[str, int] | None:
     """bos/eos/pad ids from the source's HF config (config.json, or the copy in an orbax directory)."""
     if source_dir is None:
         return None
-    for name in ("config.json", HF_CONFIG_COPY):
-        path = Path(source_dir) / name
-        if path.is_file():
-            hf = json.loads(path.read_text())
-            text = hf.get("text_config", {})
-            ids = {}
-            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                value = text.get(key, hf.get(key))
-                if value is not None:
-                    ids[key] = value
-            return ids
+    for path in _files_in(source_dir, ("config.json", HF_CONFIG_COPY)):
+        hf = json.loads(storage.read_text(path))
+        text = hf.get("text_config", {})
+        ids = {}
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = text.get(key, hf.get(key))
+            if value is not None:
+                ids[key] = value
+        return ids
     return None

@@ -41,7 +41,7 @@ def check_checkpoint(source: SafetensorsCheckpoint, cfg, layout: str | None = No
     missing = sorted(set(expected) - names)
     unexpected = sorted(n for n in names - set(expected) if not n.endswith(_IGNORED_SUFFIXES))
     if missing or unexpected:
-        lines = [f"checkpoint {source.directory} does not match the model config ({layout} layout):"]
+        lines = [f"checkpoint {source.location} does not match the model config ({layout} layout):"]
         if missing:
             lines.append(f"  {len(missing)} missing tensor(s), e.g. {', '.join(missing[:8])}")
         if unexpected:
@@ -58,12 +58,12 @@ def check_checkpoint(source: SafetensorsCheckpoint, cfg, layout: str | None = No
         got = tuple(source.shape(name))
         if got != tuple(want):
             raise CheckpointError(
-                f"tensor {name} in {source.directory} has shape {got}, but the model config expects {tuple(want)} "
+                f"tensor {name} in {source.location} has shape {got}, but the model config expects {tuple(want)} "
                 f"(does config.json match the weights?)"
             )
         dtype = np.dtype(source.dtype(name))
         if dtype.kind not in _FLOAT_KINDS and dtype.name != "bfloat16":
-            raise CheckpointError(f"tensor {name} in {source.directory} has dtype {dtype.name}; weights must be floating point")
+            raise CheckpointError(f"tensor {name} in {source.location} has dtype {dtype.name}; weights must be floating point")
     return layout
 
 

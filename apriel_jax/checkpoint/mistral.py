@@ -7,9 +7,9 @@ in ``keymap.py`` (layout ``mistral``); this module maps ``params.json`` to our c
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+from apriel_jax import storage
 from apriel_jax.checkpoint.hf_config import ConfigError, _checked
 from apriel_jax.model.config import decoder_config, model_config, projector_config, vision_config
 
@@ -92,9 +92,9 @@ def to_params_json(cfg, *, break_id: int = 12, end_id: int = 13) -> dict[str, An
 
 
 def read_params_json(directory) -> dict[str, Any]:
-    path = Path(directory) / "params.json"
+    path = storage.location(directory) / "params.json"
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise ConfigError(f"{directory}: no params.json (not a Mistral consolidated checkpoint)") from None
     except json.JSONDecodeError as e:

@@ -1,20 +1,19 @@
 """Our own model checkpoints: an orbax parameter tree plus the model config as JSON.
 
-Layout of a model directory::
+Layout of a model directory (local or ``gs://``)::
 
-    DIR/apriel_config.json   model config (ml_collections JSON)
+    DIR/apriel_config.json   model config (ml_collections JSON), written LAST: the directory's marker
     DIR/params/              orbax PyTree checkpoint (OCDBT, uncompressed)
 
-The directory is assembled under a temporary name and renamed into place last, so an interrupted
-save never leaves something that loads as a valid checkpoint.
+The directory is published through :func:`apriel_jax.storage.new_directory`: locally it is assembled
+under a temporary name and renamed into place; on GCS (no rename) it is written in place and the config
+file goes last, so an interrupted save never leaves something that loads as a valid checkpoint. Orbax and
+tensorstore reach ``gs://`` themselves: the location is passed to them with its scheme.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -22,6 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from apriel_jax import storage
 from apriel_jax.model.factory import abstract_model, state_shardings
 from apriel_jax.parallel.rules import DEFAULT_RULES
 
@@ -39,53 +39,60 @@ def _checkpointer() -> ocp.Checkpointer:
 
 
 def is_model_dir(path) -> bool:
-    path = Path(path)
-    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+    loc = storage.location(path)
+    with storage.storage_errors(loc, "read"):
+        return (loc / CONFIG_FILE).is_file() and (loc / PARAMS_DIR).is_dir()
+
+
+def model_dir(path) -> storage.Location:
+    """``path`` as a location, after checking it holds a complete model directory (else FileNotFoundError:
+    an interrupted save, which has ``params/`` but no config file, is named as such)."""
+    loc = storage.location(path)
+    if is_model_dir(loc):
+        return loc
+    with storage.storage_errors(loc, "read"):
+        interrupted = (loc / PARAMS_DIR).is_dir()
+    if interrupted:
+        raise FileNotFoundError(f"{loc}: incomplete model directory: {PARAMS_DIR}/ but no {CONFIG_FILE}, which is "
+                                "written last (an interrupted save?); write it again to replace it")
+    raise FileNotFoundError(f"{loc} is not an apriel-jax model directory ({CONFIG_FILE} + {PARAMS_DIR}/)")
 
 
 def save_model(state: nnx.State, cfg, out_dir, *, overwrite: bool = False,
-               extra_files: dict[str, bytes] | None = None) -> Path:
-    """Save parameters, config and ``extra_files`` (tokenizer, HF config, ...) to ``out_dir`` atomically."""
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (allow overwriting to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
-        cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg_dict, indent=2, sort_keys=True))
+               extra_files: dict[str, bytes] | None = None) -> storage.Location:
+    """Save parameters, ``extra_files`` (tokenizer, HF config, ...) and the config to ``out_dir`` (local or
+    ``gs://``), which readers trust only once complete (see the module docstring)."""
+    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    with storage.new_directory(out_dir, marker=CONFIG_FILE, overwrite=overwrite) as tmp:
         for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
+            storage.write_bytes(tmp / name, data)
         with _checkpointer() as checkpointer:
             checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(nnx.to_pure_dict(state)))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        storage.write_text(tmp / CONFIG_FILE, json.dumps(cfg_dict, indent=2, sort_keys=True))
+    return storage.location(out_dir)
 
 
-def load_config(model_dir) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
+def load_config(path) -> ml_collections.ConfigDict:
+    return _read_config(model_dir(path))
 
 
-def load_state(model_dir, cfg=None, *, mesh: Mesh | None = None, rules=DEFAULT_RULES) -> nnx.State:
+def _read_config(loc) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads(storage.read_text(loc / CONFIG_FILE)))
+
+
+def load_state(path, cfg=None, *, mesh: Mesh | None = None, rules=DEFAULT_RULES) -> nnx.State:
     """Restore parameters onto ``mesh`` (any mesh shape) or the default device."""
-    model_dir = Path(model_dir).absolute()
-    if not is_model_dir(model_dir):
-        raise FileNotFoundError(f"{model_dir} is not an apriel-jax model directory ({CONFIG_FILE} + {PARAMS_DIR}/)")
-    cfg = cfg if cfg is not None else load_config(model_dir)
+    loc = model_dir(path)
+    cfg = cfg if cfg is not None else _read_config(loc)
     abstract_state = nnx.state(abstract_model(cfg))
     shardings = state_shardings(cfg, mesh, rules)
     target = nnx.to_pure_dict(
         jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
     )
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    with _checkpointer() as checkpointer:
+    with _checkpointer() as checkpointer, storage.storage_errors(loc, "read"):
         restored = checkpointer.restore(
-            model_dir / PARAMS_DIR, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+            loc / PARAMS_DIR, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
         )
     nnx.replace_by_pure_dict(abstract_state, restored)
     return abstract_state

@@ -1,18 +1,21 @@
 """``from_pretrained`` and the conversions behind ``apriel-jax convert``.
 
-A source directory is recognised by its files: ``config.json`` + safetensors (Hugging Face),
-``params.json`` + ``consolidated.safetensors`` (Mistral), or ``apriel_config.json`` + ``params/`` (ours).
+A source directory (local or ``gs://``) is recognised by its files: ``config.json`` + safetensors
+(Hugging Face), ``params.json`` + ``consolidated.safetensors`` (Mistral), or ``apriel_config.json`` +
+``params/`` (ours). Those config files are also the directories' markers: our writers write them last,
+so weights without one are an interrupted write (on GCS, where a directory cannot appear at once) and
+are refused.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import jax
 from jax.sharding import Mesh
 
+from apriel_jax import storage
 from apriel_jax.checkpoint import hf_export, hf_import, mistral, orbax_io
 from apriel_jax.checkpoint.hf_config import ConfigError, from_hf_config
 from apriel_jax.checkpoint.safetensors_io import SafetensorsCheckpoint, write_safetensors_checkpoint
@@ -20,24 +23,39 @@ from apriel_jax.model.factory import model_from_state
 from apriel_jax.parallel.rules import DEFAULT_RULES
 
 
+def _names(loc) -> set[str]:
+    """Names of the entries of the directory ``loc`` (one listing request on GCS)."""
+    try:
+        with storage.storage_errors(loc, "read"):
+            return {p.name for p in loc.iterdir()}
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"{loc}: no such checkpoint directory") from None
+
+
 def detect_format(path) -> str:
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    if orbax_io.is_model_dir(path):
+    loc = storage.location(path)
+    names = _names(loc)
+    if orbax_io.CONFIG_FILE in names and orbax_io.PARAMS_DIR in names:
         return "orbax"
-    if (path / "params.json").is_file():
+    if "params.json" in names:
         return "mistral"
-    if (path / "config.json").is_file():
+    if "config.json" in names:
         return "hf"
-    raise ConfigError(f"{path}: not a checkpoint (no config.json, params.json or {orbax_io.CONFIG_FILE})")
+    if orbax_io.PARAMS_DIR in names:
+        raise ConfigError(f"{loc}: incomplete checkpoint: {orbax_io.PARAMS_DIR}/ but no {orbax_io.CONFIG_FILE}, "
+                          "which is written last (an interrupted save?); write it again to replace it")
+    if any(name.endswith(".safetensors") for name in names):
+        raise ConfigError(f"{loc}: incomplete checkpoint: safetensors but no config.json or params.json, which is "
+                          "written last (an interrupted write?); write it again to replace it")
+    raise ConfigError(f"{loc}: not a checkpoint (no config.json, params.json or {orbax_io.CONFIG_FILE})")
 
 
 def read_hf_config(path):
+    config = storage.location(path) / "config.json"
     try:
-        return from_hf_config(json.loads((Path(path) / "config.json").read_text()))
+        return from_hf_config(json.loads(storage.read_text(config)))
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}/config.json: invalid JSON ({e})") from None
+        raise ConfigError(f"{config}: invalid JSON ({e})") from None
 
 
 def _stored_dtype(source: SafetensorsCheckpoint) -> str:
@@ -85,8 +103,11 @@ def from_pretrained(path, *, dtype: str | None = None, param_dtype: str | None =
 def hf_to_orbax(src, dst, *, param_dtype: str | None = None, overwrite: bool = False):
     cfg, state = load_config_and_state(src, param_dtype=param_dtype)
     extra = hf_export.sidecars(src)
-    if (Path(src) / "config.json").is_file():
-        extra[hf_export.HF_CONFIG_COPY] = (Path(src) / "config.json").read_bytes()
+    config = storage.location(src) / "config.json"
+    with storage.storage_errors(config, "read"):
+        has_config = config.is_file()
+    if has_config:
+        extra[hf_export.HF_CONFIG_COPY] = storage.read_bytes(config)
     return orbax_io.save_model(state, cfg, dst, overwrite=overwrite, extra_files=extra)
 
 
@@ -111,4 +132,4 @@ def hf_to_mistral(src, dst, *, dtype: str | None = None, overwrite: bool = False
         dst, specs, max_shard_bytes=2**62, single_file_name="consolidated.safetensors",
         extra_files={"params.json": json.dumps(mistral.to_params_json(cfg), indent=2)}, overwrite=overwrite,
     )
-    return Path(dst)
+    return storage.location(dst)

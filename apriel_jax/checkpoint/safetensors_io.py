@@ -22,13 +22,16 @@ Public API
     ``get_slice(name, index)``, ``close()``; a context manager.
 ``SafetensorsCheckpoint(path, filename=None, *, validate=True, strict=False)``:
     ``model.safetensors``, a sharded ``*.safetensors.index.json`` checkpoint,
-    a lone ``*.safetensors`` in a directory, or a file path.  Same accessors,
-    plus ``__contains__``, ``file_of(name)``, ``files``, ``unindexed``.
+    a lone ``*.safetensors`` in a directory, or a file path; local or
+    ``gs://`` (staged to the verified local cache first, see ``staging.py``).
+    Same accessors, plus ``__contains__``, ``file_of(name)``, ``files``,
+    ``unindexed``, ``location`` (where the checkpoint was named to be).
 ``TensorSpec(name, shape, dtype, produce)``
 ``write_safetensors_checkpoint(out_dir, tensors, *, max_shard_bytes=5*2**30,
     metadata=None, index_name="model.safetensors.index.json",
     single_file_name="model.safetensors", extra_files=None, overwrite=False,
-    fsync=True) -> dict`` (the index: ``{"metadata": {"total_size"}, "weight_map"}``)
+    fsync=True) -> dict`` (the index: ``{"metadata": {"total_size"}, "weight_map"}``);
+    ``out_dir`` local or ``gs://``.
 """
 
 from __future__ import annotations
@@ -38,14 +41,14 @@ import math
 import mmap
 import operator
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import ml_dtypes
 import numpy as np
+
+from apriel_jax import storage
 
 __all__ = ["CheckpointError", "SafetensorsFile", "SafetensorsCheckpoint", "TensorSpec",
            "write_safetensors_checkpoint"]
@@ -265,18 +268,39 @@ class SafetensorsFile(_Reader):
         self._closed = True
 
 
-def _discover(directory: Path) -> str:
+def discover(names: Iterable[str], directory) -> str:
+    """The checkpoint file (index or single file) among the file ``names`` of ``directory``."""
+    names = set(names)
     for name in ("model.safetensors.index.json", "model.safetensors"):
-        if (directory / name).is_file():
+        if name in names:
             return name
-    indexes = sorted(p.name for p in directory.glob("*.safetensors.index.json"))
-    files = sorted(p.name for p in directory.glob("*.safetensors"))
+    indexes = sorted(n for n in names if n.endswith(".safetensors.index.json"))
+    files = sorted(n for n in names if n.endswith(".safetensors"))
     if len(indexes) == 1:
         return indexes[0]
     if not indexes and len(files) == 1:  # e.g. a lone consolidated.safetensors
         return files[0]
     raise CheckpointError(f"cannot pick a checkpoint: index files {indexes}, safetensors "
                           f"files {files}; pass filename= explicitly", path=directory)
+
+
+def parse_index(text: str, index_path) -> tuple[dict[str, str], dict]:
+    """(weight map, metadata) of a ``*.safetensors.index.json``; shard names must stay in its directory."""
+    try:
+        index = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"invalid index JSON: {e}", path=index_path) from None
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wmap, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+        raise CheckpointError("index needs a 'weight_map' of str -> str", path=index_path)
+    for name, fname in wmap.items():
+        # Shards live next to the index: never let an index aim reads elsewhere.
+        if Path(fname).is_absolute() or ".." in Path(fname).parts:
+            raise CheckpointError(f"shard path {fname!r} escapes the directory",
+                                  path=index_path, tensor=name)
+    meta = index.get("metadata")
+    return dict(wmap), dict(meta) if isinstance(meta, dict) else {}
 
 
 class SafetensorsCheckpoint(_Reader):
@@ -290,11 +314,18 @@ class SafetensorsCheckpoint(_Reader):
 
     def __init__(self, path, filename: str | None = None, *, validate: bool = True,
                  strict: bool = False):
+        self.location = os.fspath(path)
+        if storage.is_remote(path):
+            # Memory maps need local files (staging.py says why staging rather than range reads).
+            from apriel_jax.checkpoint.staging import stage_checkpoint
+
+            path, filename = stage_checkpoint(path, filename)
         path = Path(path)
         if path.is_file():
             directory, filename = path.parent, path.name
         elif path.is_dir():
-            directory, filename = path, filename or _discover(path)
+            directory = path
+            filename = filename or discover((p.name for p in path.iterdir() if p.is_file()), path)
         else:
             raise FileNotFoundError(f"{path}: no such file or directory")
         self.directory, self._strict = directory, strict
@@ -313,21 +344,10 @@ class SafetensorsCheckpoint(_Reader):
 
     def _load_index(self, index_path: Path) -> None:
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except ValueError as e:
+            text = index_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
             raise CheckpointError(f"invalid index JSON: {e}", path=index_path) from None
-        wmap = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(wmap, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
-            raise CheckpointError("index needs a 'weight_map' of str -> str", path=index_path)
-        for name, fname in wmap.items():
-            # Shards live next to the index: never let an index aim reads elsewhere.
-            if Path(fname).is_absolute() or ".." in Path(fname).parts:
-                raise CheckpointError(f"shard path {fname!r} escapes the directory",
-                                      path=index_path, tensor=name)
-        self._weight_map = dict(wmap)
-        meta = index.get("metadata")
-        self._metadata = dict(meta) if isinstance(meta, dict) else {}
+        self._weight_map, self._metadata = parse_index(text, index_path)
 
     def _shard(self, fname: str) -> SafetensorsFile:
         if fname in self._files:
@@ -462,7 +482,7 @@ def _write_tensor(f, spec: _Planned, path: Path) -> None:
     f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
 
 
-def _write_shard(path: Path, shard: list[_Planned], metadata: dict, fsync: bool) -> None:
+def _write_shard(path, shard: list[_Planned], metadata: dict, fsync: bool) -> None:
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for s in shard:  # contiguous, no gaps: the reference reader rejects gaps
@@ -471,44 +491,32 @@ def _write_shard(path: Path, shard: list[_Planned], metadata: dict, fsync: bool)
         offset += s.nbytes
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # pad with spaces to 8 bytes, like the reference
-    with open(path, "wb") as f:
+
+    def write(f):
         f.write(len(blob).to_bytes(8, "little") + blob)
         for s in shard:
             _write_tensor(f, s, path)
+
+    if storage.is_remote(path):
+        # Streamed: the object store receives it in upload chunks while tensors are produced, and
+        # the object exists only once the upload completes (nothing to fsync).
+        with storage.storage_errors(path, "write"), path.open("wb") as f:
+            write(f)
+        return
+    with open(path, "wb") as f:
+        write(f)
         f.flush()
         if fsync:  # before the rename, so a crash cannot leave empty shards behind
             os.fsync(f.fileno())
 
 
-def _check_destination(out_dir: Path, overwrite: bool) -> bool:
-    """Raise if out_dir may not be written; return whether it is a non-empty dir."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir}: exists and is not a directory")
-    nonempty = out_dir.is_dir() and any(out_dir.iterdir())
-    if nonempty and not overwrite:
-        raise FileExistsError(f"{out_dir}: directory exists and is not empty "
-                              "(pass overwrite=True to replace it)")
-    return nonempty
-
-
-def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    # Check again: something may have appeared while we were writing.
-    if not _check_destination(out_dir, overwrite):
-        if out_dir.exists():
-            os.rmdir(out_dir)
-        os.rename(tmp, out_dir)
-        return
-    # Overwrite: move the old directory aside, the new one in, then delete the
-    # old one, so out_dir is always either the old or the complete new output.
-    old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
-    os.rmdir(old)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _marker(extra: Mapping, names: list[str], index_name: str) -> str:
+    """The file readers trust the output by, written last: config.json (HF) or params.json (Mistral)
+    when given, else the index of a sharded checkpoint, else its single file."""
+    for name in ("config.json", "params.json"):
+        if name in extra:
+            return name
+    return index_name if len(names) > 1 else names[0]
 
 
 def write_safetensors_checkpoint(
@@ -528,20 +536,23 @@ def write_safetensors_checkpoint(
     Shards are planned from the specs first because each file's header (with
     every offset) precedes its data.  One shard -> ``single_file_name`` and no
     index (HF convention); several -> ``<stem>-0000i-of-0000N.safetensors`` plus
-    ``index_name``.  All files (and ``extra_files``, e.g. config.json) go into
-    ``<out_dir>.tmp-XXXX``, renamed to ``out_dir`` only on success; on any
-    error it is removed, so a half-written ``out_dir`` never exists.
+    ``index_name``.  ``out_dir`` (local or ``gs://``) is published through
+    ``storage.new_directory``: locally all files (and ``extra_files``, e.g.
+    config.json) are written under a temporary name that is renamed into place
+    on success, and removed on any error, so a half-written ``out_dir`` never
+    exists; on GCS the files are written in place with the marker (see
+    ``_marker``) last, and readers refuse a directory without it.
     ``metadata`` goes into every shard header with ``format`` defaulting to
-    ``"pt"`` (transformers refuses files without it).  Returns the index dict.
+    ``"pt"`` (transformers refuses files without it).  ``fsync`` applies to
+    local shards.  Returns the index dict.
     """
-    out_dir = Path(out_dir)
-    specs = _plan_specs(tensors, out_dir)
+    out = storage.location(out_dir)
+    specs = _plan_specs(tensors, out)
     meta = {"format": "pt", **(metadata or {})}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise TypeError("metadata must map str to str")
     if max_shard_bytes <= 0:
         raise ValueError("max_shard_bytes must be positive")
-    _check_destination(out_dir, overwrite)  # fail before doing any work
 
     shards = _split_shards(specs, max_shard_bytes)
     stem = single_file_name.removesuffix(".safetensors")
@@ -555,20 +566,18 @@ def write_safetensors_checkpoint(
     for name in extra:
         if name in reserved or name in (".", "..") or Path(name).name != name:
             raise ValueError(f"invalid or clashing extra file name {name!r}")
+    small = {name: content.encode("utf-8") if isinstance(content, str) else bytes(content)
+             for name, content in extra.items()}
+    if len(shards) > 1:
+        small[index_name] = (json.dumps(index, indent=2) + "\n").encode("utf-8")
+    marker = _marker(extra, names, index_name)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a model directory should be readable
-        for fname, shard in zip(names, shards):
-            _write_shard(tmp / fname, shard, meta, fsync)
-        if len(shards) > 1:
-            (tmp / index_name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        for name, content in extra.items():
-            (tmp / name).write_bytes(content.encode("utf-8") if isinstance(content, str)
-                                     else bytes(content))
-        _install(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # new_directory refuses a non-empty out_dir (without overwrite) before anything is written.
+    with storage.new_directory(out, marker=marker, overwrite=overwrite) as tmp:
+        writes = [(fname, lambda fname=fname, shard=shard: _write_shard(tmp / fname, shard, meta, fsync))
+                  for fname, shard in zip(names, shards)]
+        writes += [(name, lambda name=name, data=data: storage.write_bytes(tmp / name, data))
+                   for name, data in small.items()]
+        for _, write in sorted(writes, key=lambda w: w[0] == marker):  # stable: only the marker moves last
+            write()
     return index
