@@ -67,11 +67,16 @@ def test_errors_are_one_line_exit_2(tmp_path, tok_path, capsys):
     assert main(["data", "inspect", str(tmp_path), "--tokenizer", tok_path]) == 2  # no manifest.json
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": \n')
-    assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "o"), "--strict"]) == 2
     assert main(["data", "prepare", JSONLS[0], "--out", str(tmp_path / "o"), "--records-per-shard", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 5 and all(line.startswith("apriel-jax data: error: ") for line in err)
-    assert "bad.jsonl:2" in err[3]
+    assert err[3].endswith("bad.jsonl:2: invalid JSON: Expecting value: line 1 column 10 (char 9) [invalid_json]")
+    assert not (tmp_path / "o").exists()
 
-    assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "o"), "--skip-bad-lines"]) == 0
-    assert "1 bad lines skipped" in capsys.readouterr().out
+    # Without --strict the bad line is skipped, counted by reason, and listed in the manifest.
+    assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "o")]) == 0
+    assert "1 bad records skipped (invalid_json 1; listed in " in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["records"] == 1 and manifest["skipped_reasons"] == {"invalid_json": 1}
+    assert manifest["skipped_records"] == [err[3].removeprefix("apriel-jax data: error: ")]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from apriel_jax.data.errors import InvalidRecord
 from apriel_jax.data.images import ImageConfig, ImageError, patch_grid, patchify, preprocess_image
 from apriel_jax.data.packing import PackingConfig
 from apriel_jax.data.pipeline import build_dataset
@@ -59,7 +60,7 @@ def test_text_record_is_bos_text_eos_all_targets(tok_path):
     assert doc.tokens[0] == tok.bos_id and doc.tokens[-1] == tok.eos_id
     assert tok.decode(doc.tokens[1:-1].tolist()) == "Bread rises because yeast eats sugar."
     assert doc.loss_mask[0] == 0 and doc.loss_mask[1:].all()
-    assert conv.counters()["records"] == 1
+    assert conv.records == 1 and conv.skips.total == 0
 
 
 def test_chat_loss_modes(tok_path):
@@ -139,8 +140,9 @@ def test_image_within_budget_is_untouched(tok_path):
 def test_oversize_skip_and_error(tok_path):
     record = image_record({"type": "image", "image": Image.new("RGB", (640, 480))}, _where="big.jsonl:4")
     skip = RecordToDocument(tok_path, patch_budget=64, oversize_images="skip")
-    assert len(skip(record)) == 0
-    assert skip.skipped_records == 1 and skip.oversize_skipped == 1
+    doc = skip(record)
+    assert len(doc) == 0 and doc.skip_reason == "oversize_image"
+    assert skip.skips.total == 1 and skip.skips.counts["oversize_image"] == 1
     with pytest.raises(ImageError, match=r"big\.jsonl:4.*patch budget 64"):
         RecordToDocument(tok_path, patch_budget=64, oversize_images="error")(record)
 
@@ -152,15 +154,16 @@ def test_corrupt_image_is_skipped_with_location(tok_path, tmp_path, caplog):
              image_record({"type": "image", "path": "missing.png"})]
     src = JsonlSource(_write(tmp_path / "data.jsonl", lines))
     conv = RecordToDocument(tok_path)
-    with caplog.at_level(logging.WARNING, logger="apriel_jax.data.records"):
+    with caplog.at_level(logging.WARNING, logger="apriel_jax.data.validate"):
         docs = [conv(src[i]) for i in range(len(src))]
     assert len(docs[0]) > 0 and [len(d) for d in docs[1:]] == [0, 0, 0]
-    assert conv.skipped_records == 3 and conv.bad_images == 3 and conv.records == 4
+    assert [d.skip_reason for d in docs] == ["", "bad_image", "bad_image", "unreadable_image"]
+    assert conv.skips.total == 3 and conv.records == 4
     for line in (2, 3, 4):
         assert f"data.jsonl:{line}" in caplog.text
 
-    strict = RecordToDocument(tok_path, on_bad_image="error")
-    with pytest.raises(ImageError, match=r"data\.jsonl:2: .*cannot decode"):
+    strict = RecordToDocument(tok_path, on_invalid="error")
+    with pytest.raises(InvalidRecord, match=r"data\.jsonl:2: .*cannot decode.*\[bad_image\]$"):
         strict(src[1])
 
 
@@ -191,6 +194,8 @@ def test_bad_options():
         RecordToDocument("x", loss="some")
     with pytest.raises(ValueError, match="oversize"):
         RecordToDocument("x", oversize_images="crop")
+    with pytest.raises(ValueError, match="on_invalid"):
+        RecordToDocument("x", on_invalid="ignore")
     with pytest.raises(ValueError, match="mode"):
         RecordToDocument("x", mode="chatml")
 

@@ -277,8 +277,18 @@ def image_token_layout(h_patches: int, w_patches: int, img_id: int, break_id: in
     return tokens
 
 
+def _read_file(name: str) -> bytes:
+    if name.startswith("gs://"):
+        from apriel_jax import storage  # local: keeps this module light for local-only use
+
+        return storage.read_bytes(name)
+    with open(name, "rb") as f:
+        return f.read()
+
+
 def load_image(path_or_bytes: Union[str, os.PathLike, bytes, bytearray, memoryview]) -> Image.Image:
-    """Decode an image file fully, raising ``ImageError`` (naming the source) on any failure.
+    """Decode an image file (a local path, a ``gs://`` URL) or bytes fully, raising ``ImageError``
+    (naming the source) on any failure.
 
     The whole file is decoded here (``Image.load``) so corrupt or truncated
     data fails at load time rather than later inside a worker. Truncated files
@@ -292,9 +302,8 @@ def load_image(path_or_bytes: Union[str, os.PathLike, bytes, bytearray, memoryvi
     elif isinstance(path_or_bytes, (str, os.PathLike)):
         name = os.fspath(path_or_bytes)
         try:
-            with open(name, "rb") as f:
-                data = f.read()
-        except OSError as err:
+            data = _read_file(name)
+        except OSError as err:  # also storage.StorageError (credentials, bucket, permission)
             raise ImageError(f"cannot read image file {name!r}: {err}") from err
     else:
         raise TypeError(f"expected a path or bytes, got {type(path_or_bytes).__name__}")

@@ -18,6 +18,12 @@ Design (why it looks like this):
 * **Mixture by tokens**: each row stream draws from the source whose ``drawn_tokens / weight`` is
   smallest (deficit round robin). Proportions then track the weights by construction, with no need to
   know average document lengths; realised (packed) proportions are reported in :class:`PipelineStats`.
+* **Bad records** are skipped (``on_invalid="skip"``) or stop the pipeline (``"error"``): a record the source
+  cannot read (``invalid_json``) or the converter refuses becomes an empty :class:`Document` carrying the
+  reason (:mod:`.validate`). Each row counts the records it read and skipped per reason; the counts ride
+  along with the row (as the packing statistics do, so they cross worker processes), are summed into
+  :class:`PipelineStats` and kept in the iterator's state. Skips depend only on the records, so a resumed
+  run skips exactly what an uninterrupted one would.
 * **Workers**: rows are grain elements in order (batch t, row k -> element t * B + k); grain's
   ``mp_prefetch`` hands worker w the rows k = w mod W and interleaves them back in order, so the output
   does not depend on ``worker_count`` (which must divide the local batch).
@@ -32,25 +38,31 @@ import grain
 import numpy as np
 from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
 
+from .errors import REASONS, DataError, InvalidRecord
 from .packing import PackingConfig, PackingStats, Row, rows_to_batch, split_document
-from .sources import DataError
 from .types import Document
+from .validate import SkipLog, check_on_invalid, check_record, convert_or_skip, describe_skips
 
 __all__ = ["ByteTextToDocument", "PipelineStats", "PackedDataset", "build_dataset"]
 
 _STAT_FIELDS = [f.name for f in fields(PackingStats)]
+# The "_records" vector of a row: records read, then records skipped per reason.
+_RECORD_FIELDS = ("read", *REASONS)
 
 
 class ByteTextToDocument:
-    """Minimal ``to_document`` for tests and smoke runs: UTF-8 bytes + ``offset`` as ids, text records only."""
+    """Minimal ``to_document`` for tests and smoke runs: UTF-8 bytes + ``offset`` as ids, text records only
+    (any other record is an ``InvalidRecord``: the pipeline skips it or stops, as its policy says)."""
 
     def __init__(self, offset: int = 20):
         self.offset = offset
 
     def __call__(self, record: dict) -> Document:
+        record = check_record(record)
         if "text" not in record:
-            raise DataError(f"{record.get('_where', '<record>')}: ByteTextToDocument handles only 'text' records")
-        ids = np.frombuffer(str(record["text"]).encode("utf-8"), np.uint8).astype(np.int32) + self.offset
+            raise InvalidRecord(str(record.get("_where", "<record>")), "bad_schema",
+                                "byte-level text (no data.tokenizer) takes only {'text': ...} records")
+        ids = np.frombuffer(record["text"].encode("utf-8"), np.uint8).astype(np.int32) + self.offset
         mask = np.ones(len(ids), np.float32)
         mask[:1] = 0.0  # the first token has nothing to be predicted from
         return Document(ids, mask)
@@ -76,6 +88,8 @@ class _Shared:
     rows_total: int  # global batch: the stride between one row's records
     seed: int
     max_pending: int
+    on_invalid: str = "skip"
+    skips: SkipLog = field(default_factory=SkipLog)  # per process: logs the first skips of each reason
 
     def record_index(self, s: int, row: int, cursor: int) -> int:
         n = len(self.sources[s])
@@ -86,7 +100,8 @@ class _Shared:
         return int(index_shuffle_module.index_shuffle(pos, n - 1, key, 4))
 
     def document(self, s: int, rec: int) -> Document:
-        doc = self.to_document(self.sources[s][rec])
+        """Record ``rec`` of source ``s`` as a Document; a skipped record's is empty and says why."""
+        doc = convert_or_skip(lambda: self.to_document(self.sources[s][rec]), self.on_invalid, self.skips)
         doc.source = self.names[s]
         return doc
 
@@ -118,7 +133,8 @@ class _RowStream:
                                               stats if stats is not None else PackingStats())
         return self._cache[key]
 
-    def next_row(self, stats: PackingStats) -> Row:
+    def next_row(self, stats: PackingStats, counts: np.ndarray) -> Row:
+        """The next row; its newly read records are counted in ``counts`` (see ``_RECORD_FIELDS``)."""
         sh, cfg = self.sh, self.sh.cfg
         row, waiting = Row(), []
         for s, rec, p in self.pending:
@@ -132,12 +148,18 @@ class _RowStream:
             s = int(np.argmin(np.asarray(self.drawn, np.float64) / sh.weights))
             rec = sh.record_index(s, self.row, self.cursor[s])
             self.cursor[s] += 1
-            pieces = split_document(sh.document(s, rec), cfg, stats)
+            doc = sh.document(s, rec)
+            counts[0] += 1
+            if doc.skip_reason:
+                counts[_RECORD_FIELDS.index(doc.skip_reason)] += 1
+            pieces = split_document(doc, cfg, stats)
             self._cache[(s, rec)] = pieces
             self.drawn[s] += max(1, sum(len(p) for p in pieces))  # >= 1 so an all-dropped source yields its turn
             empty_draws = empty_draws + 1 if not pieces else 0
             if empty_draws > 10_000:
-                raise DataError("10000 documents in a row were dropped or skipped; check the packing config")
+                skipped = describe_skips(dict(zip(_RECORD_FIELDS[1:], counts[1:].tolist())))
+                raise DataError(f"10000 documents in a row were dropped or skipped (skipped records: {skipped}); "
+                                "check the data and the packing config")
             for p, piece in enumerate(pieces):
                 if row.fits(piece, cfg):
                     row.add(piece)
@@ -149,13 +171,14 @@ class _RowStream:
         return row
 
 
-def _row_element(shared: _Shared, row: Row, stats: PackingStats) -> dict[str, np.ndarray]:
+def _row_element(shared: _Shared, row: Row, stats: PackingStats, counts: np.ndarray) -> dict[str, np.ndarray]:
     batch = {k: v[0] for k, v in rows_to_batch([row], shared.cfg).items()}
     per_source = np.zeros(len(shared.names), np.int64)
     for piece in row.pieces:
         per_source[shared.names.index(piece.source)] += len(piece)
     batch["_source_tokens"] = per_source
     batch["_stats"] = np.array([getattr(stats, f) for f in _STAT_FIELDS], np.int64)
+    batch["_records"] = counts
     return batch
 
 
@@ -168,11 +191,11 @@ class _RowsIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         stream = self.streams[self.k % len(self.streams)]
-        stats = PackingStats()
-        row = stream.next_row(stats)
+        stats, counts = PackingStats(), np.zeros(len(_RECORD_FIELDS), np.int64)
+        row = stream.next_row(stats, counts)
         stats.count_rows([row], self.sh.cfg)
         self.k += 1
-        return _row_element(self.sh, row, stats)
+        return _row_element(self.sh, row, stats, counts)
 
     def get_state(self) -> dict:
         return {"k": self.k, "rows": [s.state() for s in self.streams]}
@@ -202,7 +225,12 @@ def _stack_rows(rows):
     out = {k: np.stack([r[k] for r in rows]) for k in rows[0] if not k.startswith("_")}
     out["_source_tokens"] = np.sum([r["_source_tokens"] for r in rows], axis=0)
     out["_stats"] = np.sum([r["_stats"] for r in rows], axis=0)
+    out["_records"] = np.sum([r["_records"] for r in rows], axis=0)
     return out
+
+
+def _no_skips() -> dict[str, int]:
+    return dict.fromkeys(REASONS, 0)
 
 
 @dataclass
@@ -212,18 +240,35 @@ class PipelineStats:
     source_tokens: list[int] = field(default_factory=list)  # packed tokens per source
     packing: PackingStats = field(default_factory=PackingStats)
     batches: int = 0
+    records: int = 0  # records read (skipped ones included)
+    skipped: dict[str, int] = field(default_factory=_no_skips)  # records skipped, per reason
 
     def proportions(self) -> dict[str, float]:
         total = sum(self.source_tokens) or 1
         return {n: t / total for n, t in zip(self.names, self.source_tokens)}
 
+    @property
+    def skip_fraction(self) -> float:
+        return sum(self.skipped.values()) / self.records if self.records else 0.0
+
+    def add_records(self, counts) -> None:
+        """Add a ``_records`` vector (records read, then skipped per reason)."""
+        self.records += int(counts[0])
+        for reason, n in zip(REASONS, counts[1:]):
+            self.skipped[reason] += int(n)
+
     def state(self) -> dict:
-        return {"source_tokens": list(self.source_tokens), "packing": self.packing.as_dict(), "batches": self.batches}
+        return {"source_tokens": list(self.source_tokens), "packing": self.packing.as_dict(), "batches": self.batches,
+                "records": {"read": self.records, "skipped": dict(self.skipped)}}
 
     def restore(self, state: dict) -> None:
         self.source_tokens = list(state["source_tokens"])
         self.packing = PackingStats(**state["packing"])
         self.batches = int(state["batches"])
+        # States saved before records were counted have no "records": those counts start at zero.
+        records = state.get("records") or {}
+        self.records = int(records.get("read", 0))
+        self.skipped = {r: int((records.get("skipped") or {}).get(r, 0)) for r in REASONS}
 
 
 class PackedBatchIterator:
@@ -240,6 +285,7 @@ class PackedBatchIterator:
         batch = next(self._it)
         self.stats.source_tokens = [a + int(b) for a, b in zip(self.stats.source_tokens, batch.pop("_source_tokens"))]
         self.stats.packing.merge(PackingStats(**dict(zip(_STAT_FIELDS, map(int, batch.pop("_stats"))))))
+        self.stats.add_records(batch.pop("_records"))
         self.stats.batches += 1
         return batch
 
@@ -271,11 +317,13 @@ class PackedDataset:
 def build_dataset(sources: Mapping[str, tuple[Any, float]], to_document: Callable[[dict], Document],
                   packing: PackingConfig, global_batch: int, seed: int, process_index: int = 0,
                   process_count: int = 1, worker_count: int = 0, max_pending: int = 8,
-                  worker_buffer_size: int = 2, row_ids=None) -> PackedDataset:
+                  worker_buffer_size: int = 2, row_ids=None, on_invalid: str = "skip") -> PackedDataset:
     """This process's slice of an infinite stream of packed global batches (see module docstring).
 
     ``sources`` maps a name to ``(random-access source, weight)``; weights are token proportions
     (normalised here). ``to_document`` must be picklable (a module-level class) when ``worker_count > 0``.
+    ``on_invalid``: what an ``InvalidRecord`` raised by a source or by ``to_document`` does (``"skip"``:
+    counted per reason in the iterator's ``stats``; ``"error"``: raised).
     The slice is rows ``[pi * R/pc, (pi + 1) * R/pc)``, or exactly ``row_ids`` when given (the rows a
     process's devices hold under the batch sharding, which need not be that block).
     """
@@ -304,7 +352,7 @@ def build_dataset(sources: Mapping[str, tuple[Any, float]], to_document: Callabl
             raise ValueError(f"source {n!r} is empty")
     weights = weights / weights.sum()
     shared = _Shared(names, [sources[n][0] for n in names], weights, to_document, packing,
-                     global_batch, int(seed), max_pending)
+                     global_batch, int(seed), max_pending, check_on_invalid(on_invalid))
     ds: grain.IterDataset = _RowsIterDataset(shared, row_ids)
     if worker_count > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
@@ -334,9 +382,13 @@ def merge_row_states(parts: list[tuple[list[int], dict]], global_batch: int) -> 
                          f"(batches {sorted(batches)})")
     stats = [state["stats"] for _, state in parts]
     packing = {k: sum(int(s["packing"][k]) for s in stats) for k in stats[0]["packing"]}
+    records = [s.get("records") or {} for s in stats]
     return {"grain": {"k": batches.pop() * global_batch, "rows": rows},
             "stats": {"source_tokens": [int(sum(t)) for t in zip(*(s["source_tokens"] for s in stats))],
-                      "packing": packing, "batches": stats[0]["batches"]}}
+                      "packing": packing, "batches": stats[0]["batches"],
+                      "records": {"read": sum(int(r.get("read", 0)) for r in records),
+                                  "skipped": {k: sum(int((r.get("skipped") or {}).get(k, 0)) for r in records)
+                                              for k in REASONS}}}}
 
 
 def select_row_state(state: dict, row_ids: list[int]) -> dict:
@@ -354,6 +406,7 @@ def select_row_state(state: dict, row_ids: list[int]) -> dict:
     stats = state["stats"]
     if 0 not in row_ids:
         stats = {"source_tokens": [0] * len(stats["source_tokens"]),
-                 "packing": {k: 0 for k in stats["packing"]}, "batches": stats["batches"]}
+                 "packing": {k: 0 for k in stats["packing"]}, "batches": stats["batches"],
+                 "records": {"read": 0, "skipped": _no_skips()}}
     return {"grain": {"k": int(g["k"]) // global_batch * len(row_ids), "rows": [g["rows"][r] for r in row_ids]},
             "stats": stats}

@@ -278,13 +278,32 @@ def _is_sentencepiece_name(name: str) -> bool:
     return name.endswith(".model") or ".model.v" in name
 
 
+def _staged(url: str) -> str:
+    """A verified local copy of the tokenizer file at ``url`` (a ``gs://`` file, or a folder holding one
+    of the known names): tokenizer libraries read local files only."""
+    from apriel_jax import storage  # local: keeps this module light for local-only use
+
+    storage.preflight(read=[url])  # credentials and bucket: a missing one is named as such, not as "no file"
+    loc = storage.location(url)
+    with storage.storage_errors(loc, "read"):
+        if loc.is_file():
+            return storage.local_copy(loc)
+        for name in (HF_FILE, TEKKEN_FILE, SP_FILE):
+            if (loc / name).is_file():
+                return storage.local_copy(loc / name)
+    raise FileNotFoundError(f"{url}: no tokenizer file, nor a folder with {HF_FILE}, {TEKKEN_FILE} or {SP_FILE}")
+
+
 def load_tokenizer(path) -> Tokenizer:
     """The tokenizer at ``path``: a ``tokenizer.json``, ``tekken*.json`` or SentencePiece ``*.model``
-    file, or a directory holding one.
+    file, or a directory holding one; local or ``gs://`` (staged into the local cache of
+    :func:`apriel_jax.storage.local_copy`, whose copy keeps the object's file name).
 
     A directory with several gives the HF one first (it is what an HF checkpoint directory is read
     with), then tekken, then ``tokenizer.model``.
     """
+    if str(path).startswith("gs://"):
+        path = _staged(str(path))
     path = Path(path)
     if path.is_dir():
         for name, cls in ((HF_FILE, HFTokenizer), (TEKKEN_FILE, TekkenTokenizer), (SP_FILE, SentencePieceTokenizer)):

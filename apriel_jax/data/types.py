@@ -38,12 +38,18 @@ class Document:
     loss_mask: np.ndarray  # [n] float32 in {0, 1}: token i is a target
     images: list[ImagePatches] = field(default_factory=list)
     source: str = ""  # mixture component it came from (for realised-proportion statistics)
+    skip_reason: str = ""  # set on the empty Document of a skipped record: why (data.errors.REASONS)
 
     def __post_init__(self):
         self.tokens = np.asarray(self.tokens, np.int32)
         self.loss_mask = np.asarray(self.loss_mask, np.float32)
         if self.tokens.ndim != 1 or self.tokens.shape != self.loss_mask.shape:
             raise ValueError(f"tokens {self.tokens.shape} and loss_mask {self.loss_mask.shape} must be equal 1-D")
+
+    @classmethod
+    def skipped(cls, reason: str) -> "Document":
+        """The empty Document that stands for a record skipped for ``reason`` (counted, then dropped by the packer)."""
+        return cls(np.zeros(0, np.int32), np.zeros(0, np.float32), skip_reason=reason)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])

@@ -3,18 +3,28 @@
 Without ``data.tokenizer`` text is byte-tokenized (``ByteTextToDocument``): no tokenizer file is needed, so
 a run config is self-contained. With a tokenizer, records (text, chat, images, synthetic visual tasks) go
 through ``RecordToDocument`` and the packer takes its special ids from that tokenizer.
+
+File-backed sources name their files by ``paths`` (files, globs, ``data prepare`` directories; local or
+``gs://``). :func:`resolve_data_files` expands them once per run into each source's ``files``, which the
+run config (and so every checkpoint) records: a resumed run reads the files it started with.
+
+Malformed records are skipped (``data.on_invalid="skip"``) or stop the run (``"error"``), each named by
+file:line and reason. :func:`data_health` reads the counts (records read, skipped per reason) from the
+iterator, and :func:`check_skip_fraction` stops a run whose skip fraction passes
+``data.max_skip_fraction`` once ``data.skip_check_after`` records have been read.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import zlib
-from pathlib import Path
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from apriel_jax.data.errors import REASONS, DataError
 from apriel_jax.data.images import ImageConfig
 from apriel_jax.data.packing import PackingConfig
 from apriel_jax.data.pipeline import (
@@ -24,12 +34,17 @@ from apriel_jax.data.pipeline import (
     select_row_state,
 )
 from apriel_jax.data.records import RecordToDocument, resolve_tokenizer_path
-from apriel_jax.data.sources import ArrayRecordSource, JsonlSource
+from apriel_jax.data.sources import ArrayRecordSource, JsonlSource, expand_data_paths
 from apriel_jax.data.synthetic import TaskMixture
 from apriel_jax.data.synthetic.text import SyntheticReasoningChats, SyntheticText
 from apriel_jax.data.tokenizer import load_tokenizer
+from apriel_jax.data.validate import describe_skips
 from apriel_jax.parallel.distributed import allgather_bytes
 from apriel_jax.parallel.rules import logical_to_spec
+from apriel_jax.storage import read_text
+from apriel_jax.train.config import FILE_SOURCE_KINDS
+
+log = logging.getLogger(__name__)
 
 # Built-in text for smoke runs: short and repetitive, so a tiny model visibly learns it in a few steps.
 BUILTIN_TEXT = "\n\n".join([
@@ -46,7 +61,7 @@ class ParagraphSource:
     """Random-access ``{"text": paragraph}`` records of plain text files (blank-line separated)."""
 
     def __init__(self, paths=(), text: str | None = None):
-        texts = [Path(p).read_text(encoding="utf-8") for p in paths] if paths else [text or BUILTIN_TEXT]
+        texts = [read_text(p) for p in paths] if paths else [text or BUILTIN_TEXT]
         self.paragraphs = [p.strip() for t in texts for p in t.split("\n\n") if p.strip()]
 
     def __len__(self) -> int:
@@ -61,14 +76,67 @@ def synthetic_image_size(spec: dict) -> int:
     return int((spec.get("options") or {}).get("image_size", 256))
 
 
+def source_files(spec: dict) -> list[str]:
+    """The sorted files a file-backed source's ``paths`` name now (see :func:`expand_data_paths`)."""
+    return expand_data_paths(spec["paths"], what=f"source {spec['name']!r}",
+                             allow_prepared=spec["kind"] == "array_record")
+
+
+def resolve_data_files(cfg, recorded: dict | None = None) -> None:
+    """Fill each file-backed source of cfg.data.sources and cfg.eval.sources with "files": the sorted list its
+    "paths" expand to (globs, lists, prepared directories; local or gs://). With `recorded` (the run config
+    dict saved in a checkpoint's meta), a source whose name and paths match the recorded one takes the
+    recorded files instead of expanding again, so a resumed run reads the same files even if the bucket
+    changed (say so in one log/warning line when the listing now differs)."""
+    for section in ("data", "eval"):
+        before = {s["name"]: s for s in ((recorded or {}).get(section) or {}).get("sources") or []}
+        for spec in cfg[section].sources:
+            if spec["kind"] not in FILE_SOURCE_KINDS or not spec.get("paths"):
+                continue
+            old = before.get(spec["name"])
+            same = (old is not None and old.get("kind") == spec["kind"] and old.get("files")
+                    and [str(p) for p in old.get("paths") or []] == [str(p) for p in spec["paths"]])
+            if not same:
+                spec["files"] = source_files(spec)
+                continue
+            spec["files"] = list(old["files"])
+            try:
+                now = source_files(spec)
+            except FileNotFoundError as err:
+                log.warning("%s.sources %r: %s; reading the %d files this run started with",
+                            section, spec["name"], err, len(spec["files"]))
+                continue
+            if now != spec["files"]:
+                added, gone = len(set(now) - set(spec["files"])), len(set(spec["files"]) - set(now))
+                log.warning("%s.sources %r: its paths now match %d files (%d new, %d gone); reading the %d files "
+                            "this run started with", section, spec["name"], len(now), added, gone,
+                            len(spec["files"]))
+
+
 def make_source(spec: dict, cfg, seed: int):
-    kind, paths = spec["kind"], list(spec.get("paths") or [])
+    kind = spec["kind"]
+    opts = dict(spec.get("options") or {})
+    if kind in FILE_SOURCE_KINDS and spec.get("paths"):
+        files = list(spec.get("files") or source_files(spec))
+    else:
+        files = []
     if kind == "bytes_text":
-        return ParagraphSource(paths)
+        return ParagraphSource(files)
     if kind == "jsonl":
-        return JsonlSource(paths)
+        return JsonlSource(files, on_error="defer")  # every host indexes at start-up: no parsing there
     if kind == "array_record":
-        return ArrayRecordSource(paths)
+        return ArrayRecordSource(files)
+    if kind == "parquet":
+        from apriel_jax.data.columns import Columns
+        from apriel_jax.data.parquet import ParquetSource
+
+        return ParquetSource(files, Columns.from_options(opts))
+    if kind == "tfds":
+        from apriel_jax.data.columns import Columns
+        from apriel_jax.data.sources import TfdsSource
+
+        return TfdsSource(spec["paths"][0], opts.get("split", "train"), opts.get("data_dir") or None,
+                          Columns.from_options(opts))
     if kind == "synthetic":
         if not cfg.data.tokenizer:
             raise ValueError(f"source {spec['name']!r}: synthetic visual tasks are chats with images and need "
@@ -102,7 +170,7 @@ def to_document(cfg):
         return ByteTextToDocument()
     return RecordToDocument(cfg.data.tokenizer, mode=cfg.data.chat_format, loss=cfg.data.loss,
                             image_cfg=ImageConfig(longest_edge=cfg.model.vision.image_size),
-                            patch_budget=cfg.data.patch_budget or None)
+                            patch_budget=cfg.data.patch_budget or None, on_invalid=cfg.data.on_invalid)
 
 
 def make_dataset(cfg, sources, seed: int, rows=None):
@@ -111,7 +179,8 @@ def make_dataset(cfg, sources, seed: int, rows=None):
     specs = {s["name"]: (make_source(s, cfg, seed), float(s.get("weight", 1.0))) for s in sources}
     return build_dataset(specs, to_document(cfg), packing_config(cfg), global_batch=cfg.data.global_batch,
                          seed=seed, process_index=jax.process_index(), process_count=jax.process_count(),
-                         worker_count=cfg.data.worker_count, max_pending=cfg.data.max_pending, row_ids=rows)
+                         worker_count=cfg.data.worker_count, max_pending=cfg.data.max_pending, row_ids=rows,
+                         on_invalid=cfg.data.on_invalid)
 
 
 # --- One global batch from many processes. Each process packs only the rows its own devices hold under
@@ -178,13 +247,60 @@ def local_data_state(state: dict, rows: list[int]) -> dict:
                      f"data.worker_count=0 (whose state restores under any layout)")
 
 
-def log_rows(path: Path, step: int, rows: list[int], batch: dict) -> None:
-    """Append which global rows this process fed at ``step`` and a crc32 of each row's tokens."""
+def data_health(it, rows: list[int] | None = None) -> dict[str, float]:
+    """``{"records": n, "skipped/<reason>": k for every reason, "skip_fraction": f}`` of the records the
+    iterator ``it`` has read so far (over the whole run: the counts are part of its checkpointed state).
+
+    Without ``rows`` the counts are this process's. With ``rows`` (this process's global rows, as given to
+    :func:`make_dataset`) they are summed over all processes, counting processes that read the same rows
+    once: the same numbers on every process. That is a collective: every process must call it at the
+    same step.
+    """
+    stats = it.stats
+    counts = {"records": stats.records, **{f"skipped/{r}": stats.skipped[r] for r in REASONS}}
+    if rows is not None and jax.process_count() > 1:
+        parts = {}
+        for blob in allgather_bytes(json.dumps({"rows": list(rows), "counts": counts}).encode()):
+            part = json.loads(blob)
+            parts[tuple(part["rows"])] = part["counts"]
+        counts = {k: sum(p[k] for p in parts.values()) for k in counts}
+    skipped = sum(v for k, v in counts.items() if k.startswith("skipped/"))
+    health = {k: float(v) for k, v in counts.items()}
+    health["skip_fraction"] = skipped / counts["records"] if counts["records"] else 0.0
+    return health
+
+
+def skip_summary(health: dict[str, float]) -> str:
+    """One line for the end of a run, e.g. ``"12000 records read, 37 skipped (0.31%): bad_schema 30,
+    unreadable_image 7"``."""
+    counts = {r: int(health[f"skipped/{r}"]) for r in REASONS}
+    text = f"{int(health['records'])} records read, {sum(counts.values())} skipped"
+    if not any(counts.values()):
+        return text
+    return f"{text} ({health['skip_fraction']:.2%}): {describe_skips(counts)}"
+
+
+def check_skip_fraction(cfg, health: dict[str, float]) -> None:
+    """Raise DataError (one line: the counts per reason and the setting to change) when more than
+    ``data.max_skip_fraction`` of the records read were skipped, once ``data.skip_check_after`` records have
+    been read (so that 1 bad record of the first 3 does not stop a run). ``max_skip_fraction=1`` never stops."""
+    limit = float(cfg.data.max_skip_fraction)
+    records = int(health["records"])
+    if limit >= 1.0 or records < cfg.data.skip_check_after or health["skip_fraction"] <= limit:
+        return
+    per_reason = describe_skips({r: int(health[f"skipped/{r}"]) for r in REASONS})
+    skipped = sum(int(health[f"skipped/{r}"]) for r in REASONS)
+    raise DataError(f"{skipped} of the {records} records read were skipped ({health['skip_fraction']:.1%}, more than "
+                    f"data.max_skip_fraction={limit:g}): {per_reason}; the warnings name the first records of each "
+                    "reason; fix the data, or raise data.max_skip_fraction")
+
+
+def log_rows(rows_log, step: int, rows: list[int], batch: dict) -> None:
+    """Append to ``rows_log`` (a :class:`apriel_jax.storage.AppendLog`) which global rows this process fed
+    at ``step`` and a crc32 of each row's tokens."""
     hashes = [zlib.crc32(np.ascontiguousarray(r).tobytes()) for r in np.asarray(batch["tokens"])]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": int(step), "process": jax.process_index(), "rows": list(rows),
-                            "token_crc32": hashes}) + "\n")
+    rows_log.write(json.dumps({"step": int(step), "process": jax.process_index(), "rows": list(rows),
+                               "token_crc32": hashes}))
 
 
 def model_inputs(batch: dict, patch_budget: int) -> dict:

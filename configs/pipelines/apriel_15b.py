@@ -9,9 +9,16 @@ Stage settings follow the paper (sequence lengths, learning rates, schedules, fr
 proportions, checkpoint averaging and merging). What the paper does not publish is marked "not published"
 below and set to a reasonable value: batch sizes, token budgets, the exact upscaling layer map, SFT warmup.
 
-Data: each source is a set of ArrayRecord shards written by ``apriel-jax data prepare`` under the
-data root given after the config path (``CONFIG:ROOT``) (text: ``{"text": ...}``; multimodal and SFT: chat records with images). Replace the
-source names/paths with your own; the mixture weights are the paper's.
+Data: the data root given after the config path (``CONFIG:ROOT``, local or ``gs://``) holds one folder per
+source written by ``apriel-jax data prepare`` (ArrayRecord shards + ``manifest.json``): text, replay,
+multimodal, and the SFT sets named below. Write each with ``apriel-jax data prepare
+'gs://bucket/raw/NAME/*.jsonl' --out ROOT/NAME`` (text: ``{"text": ...}`` records; multimodal and SFT: chat
+records with their images, which prepare embeds). A source names the folder, not a glob of its shards: the
+folder's manifest is written last, so a prepare that was interrupted (shards but no manifest) is refused
+instead of read in part. A run lists each source's files once and its checkpoints record the list, so a
+resumed stage reads the same shards even if the folder changed. Replace the source names/paths with your
+own (files, globs, ``data prepare`` folders, or ``parquet``/``jsonl``/``tfds`` sources); the mixture
+weights are the paper's.
 """
 
 from apriel_jax.model import get_preset
@@ -26,7 +33,7 @@ BATCH = {8192: 256, 16384: 128, 32768: 64, 49152: 64}
 
 
 def _shards(root: str, name: str) -> list[str]:
-    return [f"{root}/{name}/*.array_record"]
+    return [f"{root}/{name}"]  # a `data prepare` folder: its manifest lists the shards
 
 
 def _stage(cfg, *, init="previous", trainable, seq, lr, schedule, tokens, loss="all", sources=(), patches=0,
