@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 import time
-from pathlib import Path
 
 from apriel_jax.utils.platform import quiet_libtpu_without_tpu
 
@@ -49,11 +49,25 @@ Tokenizer, chat template and processor files next to the weights are carried alo
 _DATA_EPILOG = """\
 sources:
   JSONL files of {"text": ...} or {"messages": [...], "tools"?: [...]} records (image parts as
-  {"type": "image", "path": REL} relative to the file, or inline "image_base64"), or a directory
-  written by `apriel-jax data prepare` (ArrayRecord shards + manifest.json).
+  {"type": "image", "path": REL} relative to the file, or inline "image_base64"), a directory
+  written by `apriel-jax data prepare` (ArrayRecord shards + manifest.json, written last), or
+  (inspect) Parquet files. Every path may be local or gs://bucket/...; quote globs so that the
+  command expands them (gs:// globs cannot be expanded by the shell).
+  Also read, and converted exactly: LLaVA/ShareGPT records ({"conversations": [{"from": "human"|"gpt",
+  "value": ...}], "image"|"images": ...} with <image> placeholders), OpenAI-style messages with
+  {"type": "image_url", "image_url": {"url": PATH | file://... | data:image/...;base64,...}} parts
+  (http(s) URLs are refused: nothing is fetched at training time), and "messages" with <image>
+  placeholders plus an "images" list.
+bad records:
+  A malformed record (bad JSON, wrong types or fields, an empty conversation, an unreadable or
+  undecodable image, <image> placeholders that do not match the images, ...) is skipped with a
+  warning naming FILE:LINE and the reason, and counted per reason; --strict stops at the first
+  instead, with that one line (exit code 2).
 examples:
   apriel-jax data prepare apriel_jax/data/demo_data/*.jsonl --out /tmp/demo_ar
   apriel-jax data inspect /tmp/demo_ar --seq-len 1024 --rows 2
+  apriel-jax data prepare 'gs://bucket/raw/*.jsonl' --out gs://bucket/data/sft
+  apriel-jax data inspect gs://bucket/data/sft --rows 2
 """
 
 _INSPECT_EPILOG = _DATA_EPILOG + """\
@@ -202,13 +216,20 @@ def _add_data_parser(commands, debug, fmt) -> None:
         "prepare", parents=[debug], formatter_class=fmt, epilog=_DATA_EPILOG,
         help="JSONL files (+ the images they reference) -> self-contained ArrayRecord shards",
         description="Convert JSONL files into ArrayRecord shards with images embedded as base64,\n"
-                    "plus manifest.json listing the shards and their record counts.")
-    prepare.add_argument("jsonl", nargs="+", metavar="JSONL", help="input JSONL files, read in order")
-    prepare.add_argument("--out", required=True, metavar="DIR", help="output directory (created if needed)")
+                    "plus manifest.json listing the shards and their record counts. Every record is\n"
+                    "checked as training would check it, and every image read and decoded, before\n"
+                    "anything is written; an existing output is replaced only with --overwrite, and\n"
+                    "only by a complete new one.")
+    prepare.add_argument("jsonl", nargs="+", metavar="JSONL",
+                         help="input JSONL files or globs (local or gs://), read in order")
+    prepare.add_argument("--out", required=True, metavar="DIR",
+                         help="output directory, local or gs:// (must not exist or be empty, unless --overwrite)")
+    prepare.add_argument("--overwrite", action="store_true",
+                         help="replace an existing output directory whole")
     prepare.add_argument("--records-per-shard", type=int, default=10_000, metavar="N",
                          help="records per shard (default: 10000)")
-    prepare.add_argument("--skip-bad-lines", action="store_true",
-                         help="leave out lines that are not valid records (default: stop at the first)")
+    prepare.add_argument("--strict", action="store_true",
+                         help="stop at the first bad record (default: skip bad records, counted per reason)")
     prepare.set_defaults(handler=_run_data_prepare)
 
     inspect = actions.add_parser(
@@ -217,8 +238,8 @@ def _add_data_parser(commands, debug, fmt) -> None:
         description="Read records, turn them into documents as training would (RecordToDocument), pack\n"
                     "the first few rows and print them decoded, with packing efficiency and counters.")
     inspect.add_argument("sources", nargs="+", metavar="SOURCE",
-                         help="JSONL file or `data prepare` output directory; records are taken from the "
-                              "sources in turn")
+                         help="JSONL or Parquet file (or a glob of them), or `data prepare` output directory; "
+                              "local or gs://; records are taken from the sources in turn")
     inspect.add_argument("--tokenizer", default="pixtral", metavar="PATH",
                          help="tokenizer file or directory, or 'pixtral' for the Tekken tokenizer shipped "
                               "with mistral-common (default)")
@@ -231,6 +252,8 @@ def _add_data_parser(commands, debug, fmt) -> None:
     inspect.add_argument("--format", default="apriel", choices=MODES, help="chat format (default: apriel)")
     inspect.add_argument("--loss", default="responses", choices=("responses", "all"),
                          help="chat loss: assistant turns only, or every token (default: responses)")
+    inspect.add_argument("--strict", action="store_true",
+                         help="stop at the first bad record (default: skip bad records, counted per reason)")
     inspect.set_defaults(handler=_run_data_inspect)
 
 
@@ -249,17 +272,31 @@ def _run_demo(args, overrides: list[str]) -> int:
     return 0
 
 
-def _dir_summary(path: Path) -> str:
-    files = [f for f in Path(path).rglob("*") if f.is_file()]
-    return f"{len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
+def _dir_summary(path) -> str:
+    from apriel_jax import storage
+
+    # Walked level by level with iterdir: epath refuses recursive globs on gs://.
+    files, pending = [], [storage.location(path)]
+    with storage.storage_errors(pending[0], "list"):
+        while pending:
+            for entry in pending.pop().iterdir():
+                (pending if entry.is_dir() else files).append(entry)
+        size = sum(f.stat().length for f in files)
+    return f"{len(files)} files, {size / 1e6:.1f} MB"
 
 
 def _run_convert(args, overrides: list[str]) -> int:
+    from apriel_jax import storage
     from apriel_jax.checkpoint import pretrained
 
     start = time.perf_counter()
     kind = args.conversion
-    if not args.overwrite and Path(args.dst).exists() and any(Path(args.dst).iterdir()):
+    # Credentials, buckets and write access of gs:// locations, before any loading work.
+    storage.preflight(read=[args.src], write=[args.dst])
+    dst = storage.location(args.dst)
+    with storage.storage_errors(dst, "list"):
+        occupied = dst.is_dir() and any(True for _ in dst.iterdir())
+    if occupied and not args.overwrite:
         # Checked here as well so the message names the CLI flag, and before any loading work.
         raise FileExistsError(f"{args.dst} exists and is not empty (pass --overwrite to replace it)")
     if kind == "hf-to-orbax":
@@ -346,52 +383,73 @@ def _chat_generate(args, sampling, tokenizer, images) -> int:
 
 
 def _run_data_prepare(args, overrides: list[str]) -> int:
+    import os
+
+    from apriel_jax import storage
     from apriel_jax.data.sources import prepare_array_record
+    from apriel_jax.data.validate import describe_skips
 
     if args.records_per_shard < 1:
         raise UsageError(f"--records-per-shard must be >= 1, got {args.records_per_shard}")
     start = time.perf_counter()
     manifest = prepare_array_record(args.jsonl, args.out, records_per_shard=args.records_per_shard,
-                                    on_error="skip" if args.skip_bad_lines else "raise")
+                                    on_invalid="error" if args.strict else "skip", overwrite=args.overwrite)
+    out = os.fspath(storage.location(args.out))
     for shard in manifest["shards"]:
-        print(f"  {Path(args.out) / shard['path']}: {shard['records']} records")
-    skipped = f", {manifest['skipped']} bad lines skipped" if manifest["skipped"] else ""
+        print(f"  {out}/{shard['path']}: {shard['records']} records")
+    skipped = (f", {manifest['skipped']} bad records skipped ({describe_skips(manifest['skipped_reasons'])}; listed "
+               f"in {out}/manifest.json)" if manifest["skipped"] else "")
     print(f"data prepare: {manifest['records']} records in {len(manifest['shards'])} shard(s){skipped} -> "
           f"{args.out} ({time.perf_counter() - start:.1f}s)")
+    if manifest["without_assistant_turn"]:
+        print(f"note: {manifest['without_assistant_turn']} chats have no assistant turn; training with "
+              "data.loss='responses' skips them (no_assistant_turn)")
     return 0
 
 
 def _inspect_source(path: str):
-    from apriel_jax.data.sources import ArrayRecordSource, JsonlSource, array_record_paths
+    """(name, source) for one SOURCE argument of `data inspect`, chosen by what the files are."""
+    import posixpath
 
-    if Path(path).is_dir():
-        if not (Path(path) / "manifest.json").is_file():
-            raise FileNotFoundError(f"{path}: a directory source needs the manifest.json of `data prepare`")
-        return ArrayRecordSource(array_record_paths(path))
-    return JsonlSource(path)
+    from apriel_jax.data.sources import ArrayRecordSource, JsonlSource, expand_data_paths
+
+    files = expand_data_paths(path, what="data inspect")
+    base = posixpath.basename(path.rstrip("/"))
+    name = posixpath.splitext(base)[0] if len(files) == 1 and files[0].endswith(base) else base
+    if all(f.endswith(".array_record") for f in files):
+        return name, ArrayRecordSource(files)
+    if all(f.endswith(".parquet") for f in files):
+        from apriel_jax.data.parquet import ParquetSource
+
+        return name, ParquetSource(files)
+    # Records are parsed as they are shown: a few rows of a large file need not parse all of it.
+    return name, JsonlSource(files, on_error="defer")
 
 
 def _run_data_inspect(args, overrides: list[str]) -> int:
     from apriel_jax.data.images import ImageConfig
     from apriel_jax.data.packing import Packer, PackingConfig
     from apriel_jax.data.records import RecordToDocument
+    from apriel_jax.data.validate import convert_or_skip, describe_skips
 
     for flag, value, least in (("--seq-len", args.seq_len, 2), ("--patch-budget", args.patch_budget, 1),
                                ("--rows", args.rows, 1), ("--longest-edge", args.longest_edge, 1)):
         if value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
-    sources = [(Path(p).stem if not Path(p).is_dir() else Path(p).name, _inspect_source(p)) for p in args.sources]
+    sources = [_inspect_source(p) for p in args.sources]
     image_cfg = ImageConfig(longest_edge=args.longest_edge)
+    on_invalid = "error" if args.strict else "skip"
     convert = RecordToDocument(args.tokenizer, mode=args.format, loss=args.loss, image_cfg=image_cfg,
-                               patch_budget=args.patch_budget)
+                               patch_budget=args.patch_budget, on_invalid=on_invalid)
     tok = convert.tokenizer  # load now: a bad path fails before any record is read
     cfg = PackingConfig(seq_len=args.seq_len, patch_budget=args.patch_budget,
                         patch_dim=image_cfg.patch_size ** 2 * 3, pad_id=tok.pad_id, image_too_large="skip",
                         image_token_id=tok.image_id, image_break_id=tok.image_break_id,
                         image_end_id=tok.image_end_id)
     packer, rows = Packer(cfg), []
-    for name, record in _round_robin(sources):
-        doc = convert(record)
+    for name, src, i in _round_robin(sources):
+        # A record the source cannot read (bad JSON) is skipped or stops, as the converter's own are.
+        doc = convert_or_skip(lambda: convert(src[i]), on_invalid, convert.skips)
         doc.source = name
         rows += packer.add(doc)
         if len(rows) >= args.rows:
@@ -408,21 +466,20 @@ def _run_data_inspect(args, overrides: list[str]) -> int:
     print(f"packing efficiency over {st.rows} rows: tokens {st.token_efficiency:.1%} ({st.tokens}/"
           f"{st.tokens + st.padding_tokens}), patches {st.patch_efficiency:.1%} ({st.patches}/"
           f"{st.patches + st.padding_patches})")
-    c = convert.counters()
-    print(f"records: {c['records']} read, {c['skipped_records']} skipped ({c['bad_images']} bad images, "
-          f"{c['oversize_skipped']} oversize); {c['downscaled_images']} images downscaled to fit; packer: "
-          f"{st.documents} documents, {st.split} split, {st.dropped} dropped, {st.skipped_images} images too "
-          f"large for a row")
+    skips = convert.skips
+    print(f"records: {st.documents} read, {skips.total} skipped ({describe_skips(skips.counts)}); "
+          f"{convert.downscaled_images} images downscaled to fit; packer: {st.split} documents split, "
+          f"{st.dropped - skips.total} dropped, {st.skipped_images} images too large for a row")
     return 0
 
 
 def _round_robin(sources):
-    """(name, record) taking one record from each source in turn until all are exhausted."""
+    """(name, source, index) taking one record from each source in turn until all are exhausted."""
     longest = max(len(src) for _, src in sources)
     for i in range(longest):
         for name, src in sources:
             if i < len(src):
-                yield name, src[i]
+                yield name, src, i
 
 
 def _render_document(doc, tok, cfg) -> str:
@@ -461,10 +518,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from apriel_jax.data.images import ImageError
     from apriel_jax.data.sources import DataError
     from apriel_jax.data.tokenizer import UnknownSpecialTokenError
+    from apriel_jax.storage import StorageError
     from apriel_jax.utils.config_cli import ConfigOverrideError, UnknownConfigKeyError
 
     return (UsageError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            ImageError, ConfigOverrideError, UnknownConfigKeyError, UnknownSpecialTokenError, DataError)
+            ImageError, ConfigOverrideError, UnknownConfigKeyError, UnknownSpecialTokenError, DataError,
+            StorageError)
 
 
 def _one_line(error: BaseException) -> str:
@@ -506,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     args = parser.parse_args(argv)
+    if args.debug:  # library code keeps every message and traceback it would otherwise summarise
+        from apriel_jax.storage.errors import DEBUG_ENV
+
+        os.environ[DEBUG_ENV] = "1"
     try:
         return args.handler(args, overrides)
     except _expected_errors() as e:

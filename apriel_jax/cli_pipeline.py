@@ -1,15 +1,18 @@
 """``apriel-jax pipeline``: run (or plan) a chain of training stages from a pipeline config.
 
 Exit codes: 0 every selected stage finished (and the export, when the last stage ran); 75 a stage was
-preempted by SIGTERM (checkpoint saved; rerun the same command to resume); 3 a stage diverged; 2 a bad
-config or command line.
+preempted by SIGTERM (checkpoint saved; rerun the same command to resume); 3 a stage diverged; 65 a stage
+skipped more malformed records than data.max_skip_fraction allows; 74 storage
+failed mid-stage (the checkpoints already saved are kept; rerun to resume); 2 a bad config or command line
+(including missing cloud credentials, a missing bucket or a refused permission, found before any work).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
-from pathlib import Path
 
 DEFAULT_CONFIG = "apriel_jax.stages.demo"
 
@@ -21,11 +24,14 @@ config:
     apriel-jax pipeline --plan
     apriel-jax pipeline configs/pipelines/apriel_15b.py --plan
     apriel-jax pipeline configs/pipelines/demo.py --config.run_dir=/tmp/demo --config.stages.cpt2.train.steps=20
+    apriel-jax pipeline configs/pipelines/apriel_15b.py --config.run_dir=gs://BUCKET/runs/apriel
   Finished stages (STAGE/DONE.json) are skipped and an interrupted stage resumes from its last checkpoint:
-  rerunning the same command continues where it stopped.
+  rerunning the same command continues where it stopped. run_dir, base and export.hf_dir may be gs:// URLs.
 
 exit codes:
-  0 done; 75 preempted (SIGTERM: saved, rerun to resume); 3 a stage diverged (saved); 2 bad config.
+  0 done; 75 preempted (SIGTERM: saved, rerun to resume); 3 a stage diverged (saved); 65 too many malformed
+  records skipped (saved); 74 storage failed
+  mid-stage (saved checkpoints kept, rerun to resume); 2 bad config, or no access to the storage.
 """
 
 
@@ -45,6 +51,9 @@ def add_parser(commands, debug, fmt) -> None:
     p.add_argument("--redo", action="store_true",
                    help="delete the selected stages' outputs first and run them again")
     p.add_argument("--no-export", action="store_true", help="do not export the last stage to HF format")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="stop when a stage's latest checkpoint cannot be restored, instead of resuming from the "
+                        "newest intact one (the damaged one is then moved aside)")
     p.set_defaults(handler=_run)
 
 
@@ -66,12 +75,17 @@ def _run(args, overrides: list[str]) -> int:
 
     # --config.KEY=VALUE overrides were taken out of the command line before argparse (cli.main).
     cfg = load_pipeline_config(args.config, list(overrides))
+    if args.no_fallback:
+        for name in cfg.order:
+            cfg.stages[name].train.checkpoint.fallback = False
     if args.only and args.start:
         raise UsageError("--only and --from exclude each other")
 
+    from apriel_jax import storage
     from apriel_jax.stages.report import plan_text
     from apriel_jax.stages.runner import select_stages
 
+    storage.preflight(read=[cfg.base])  # the plan reads the base checkpoint's config
     try:
         plan = plan_text(cfg)
         select_stages(cfg, args.only, args.start)
@@ -84,6 +98,7 @@ def _run(args, overrides: list[str]) -> int:
 
 
 def run_and_report(cfg, *, only=None, start=None, redo=False, export=True) -> int:
+    from apriel_jax import storage
     from apriel_jax.stages.report import plot_pipeline, summary_table, write_summary
     from apriel_jax.stages.runner import Runner, StageFailed
     from apriel_jax.train.config import EXIT_CODES
@@ -98,7 +113,7 @@ def run_and_report(cfg, *, only=None, start=None, redo=False, export=True) -> in
     print()
     print(summary_table(summaries))
     write_summary(cfg, summaries)
-    png = plot_pipeline(cfg, Path(cfg.run_dir) / "curves.png")
+    png = plot_pipeline(cfg, storage.location(cfg.run_dir) / "curves.png")
     if png is not None:
         print(f"loss curves: {png}")
     last_ran = (only or cfg.order[-1]) == cfg.order[-1]
@@ -112,13 +127,38 @@ def run_and_report(cfg, *, only=None, start=None, redo=False, export=True) -> in
 
 
 def check_export_with_transformers(hf_dir) -> str:
-    """Load the export with transformers (when torch is installed) and compare its logits with ours."""
+    """Load the export with transformers (when torch is installed) and compare its logits with ours. A
+    ``gs://`` export is downloaded first, as a user would (transformers reads local directories)."""
     try:
-        import torch
-        from transformers import LlavaForConditionalGeneration
+        import torch  # noqa: F401
+        from transformers import LlavaForConditionalGeneration  # noqa: F401
     except ImportError as e:
         return f"skipped ({e.name or 'torch/transformers'} not installed)"
+    from apriel_jax import storage
+
+    if not storage.is_remote(hf_dir):
+        return _compare_with_transformers(hf_dir)
+    with tempfile.TemporaryDirectory(prefix="apriel-export-check-") as local:
+        download_directory(hf_dir, local)
+        return _compare_with_transformers(local)
+
+
+def download_directory(src, dest) -> None:
+    """Make the files directly under ``src`` (local or ``gs://``) appear in the local directory ``dest``:
+    links to verified local copies (``storage.local_copies``: size and CRC32C checked, cached)."""
+    from apriel_jax import storage
+
+    loc = storage.location(src)
+    with storage.storage_errors(loc, "read"):
+        files = [p for p in loc.iterdir() if p.is_file()]
+    for path, copy in zip(files, storage.paths.local_copies(files)):
+        os.symlink(copy, os.path.join(dest, path.name))
+
+
+def _compare_with_transformers(hf_dir) -> str:
     import numpy as np
+    import torch
+    from transformers import LlavaForConditionalGeneration
 
     from apriel_jax.checkpoint.pretrained import from_pretrained
     from apriel_jax.demo import _quiet_transformers, forward_logits

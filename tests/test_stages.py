@@ -249,24 +249,37 @@ def test_killed_pipeline_resumes_to_the_same_export(tmp_path):
     assert all(a[k] == b[k] for k in a), "resumed pipeline exported different weights"
 
 
-def test_demo_pipeline_runs_end_to_end_and_exports_for_transformers(tmp_path, capsys):
-    """The main job's config with every stage cut to a few steps: all stages run, finals chain, the export
-    loads in transformers with the same logits."""
+def test_demo_pipeline_runs_end_to_end_in_a_bucket_and_exports_for_transformers(gcs_root, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The main job's config with every stage cut to a few steps, as a pod job runs it: everything in a
+    bucket (a GCS API server on loopback). All stages run, finals chain, the export (downloaded, as a user
+    would) loads in transformers with the same logits. The killed-and-resumed pipeline test below runs the
+    same config on local disk."""
+    from apriel_jax import storage
     from apriel_jax.cli_pipeline import run_and_report
 
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("APRIEL_CACHE_DIR", str(tmp_path / "cache"))
+    run = f"{gcs_root}/demo"
     cfg = demo_config()
-    cfg.run_dir = str(tmp_path / "demo")
+    cfg.run_dir = run
     cfg.mesh.update(fsdp=4, tensor=2)  # every stage also runs tensor-parallel
     shrink_to_smoke_size(cfg, averaged_save_every=2)  # averaged stages: checkpoints at 2, 4, 6
     assert run_and_report(cfg) == 0
     out = capsys.readouterr().out
     assert "transformers check: LlavaForConditionalGeneration loads it" in out
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    summary = json.loads(storage.read_text(f"{run}/summary.json"))
     assert [s["stage"] for s in summary] == list(cfg.order)
     by_name = {s["stage"]: s for s in summary}
     assert by_name["upscale"]["averaged_steps"] == [2, 4, 6]
     assert by_name["realign"]["trainable_params"] < by_name["cpt2"]["trainable_params"]
     assert by_name["cpt2"]["counting_accuracy_end"] is not None
-    exported = json.loads((tmp_path / "demo" / "export" / "hf" / "config.json").read_text())
-    assert exported["text_config"]["num_hidden_layers"] == 6
-    assert (tmp_path / "demo" / "export" / "hf" / "tokenizer.json").is_file()
+    for name in cfg.order:  # each stage's result behind its markers
+        assert storage.location(f"{run}/{name}/DONE.json").is_file()
+        assert storage.location(f"{run}/{name}/final/apriel_config.json").is_file()
+    export = storage.location(f"{run}/export/hf")
+    assert json.loads((export / "config.json").read_text())["text_config"]["num_hidden_layers"] == 6
+    assert (export / "tokenizer.json").is_file()
+    assert json.loads((export / "EXPORTED_FROM.json").read_text())["source"] == f"{run}/{cfg.order[-1]}/final"
+    assert storage.read_bytes(f"{run}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "gs:").exists()  # nothing went to a local folder named after the URL

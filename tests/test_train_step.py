@@ -277,6 +277,18 @@ def test_non_finite_loss_skips_the_update(cfg, model, optimizer, step1):
     assert m["skipped"] == 0 and int(state.step) == 2
 
 
+def test_non_finite_update_from_finite_gradients_is_dropped(cfg, model, graphdef):
+    """A NaN learning rate makes a NaN update from finite gradients: the guard must drop it too."""
+    nan_lr = make_optimizer(float("nan"), weight_decay=WD, clip_norm=1.0)
+    _, state = init_train_state(model, nan_lr)
+    step = make_train_step(cfg, graphdef, nan_lr, single_device_mesh(), chunk_size=12)
+    params_before = host(state.params)
+    state, (m,) = run(step, state, [make_batch(cfg, seed=8)])
+    assert m["skipped"] == 1 and np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])
+    for k, v in host(state.params).items():
+        np.testing.assert_array_equal(v, params_before[k], err_msg=k)
+
+
 def test_indivisible_batch_is_a_clear_error(cfg, model, graphdef, optimizer, step8, mesh8):
     _, state = init_train_state(model, optimizer, mesh=mesh8)
     with pytest.raises(ValueError, match="multiple of 4"):

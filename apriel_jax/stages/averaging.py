@@ -7,13 +7,13 @@ The result is accumulated in fp32 on the mesh, parameter by parameter: each sour
 parameters of the current group (orbax partial restore, each process reading its own shards), so host
 memory stays near one group of tensors (``group_bytes``; the largest tensor when it is bigger) whatever
 the number of sources. Sources may be run checkpoints (``STEP/state`` with trainable ``params`` and
-``frozen`` halves) or apriel-jax model directories (``DIR/params``).
+``frozen`` halves) or apriel-jax model directories (``DIR/params``), local or ``gs://`` (orbax reads and
+writes GCS itself); the result is published like any model directory (``orbax_io.save_model``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from apriel_jax import storage
 from apriel_jax.checkpoint.orbax_io import PARAMS_DIR, is_model_dir, save_model
 from apriel_jax.model.factory import abstract_model, param_path, state_shardings
 
@@ -47,14 +48,15 @@ class _Source:
     """Where one checkpoint keeps each model parameter: ``{param path: key tuple in the orbax tree}``."""
 
     def __init__(self, path):
-        path = Path(path).absolute()
-        if is_model_dir(path):
-            self.tree_dir = path / PARAMS_DIR
-        elif (path / "state").is_dir():  # a run checkpoint step directory
-            self.tree_dir = path / "state"
-        else:
+        path = storage.location(path)
+        with storage.storage_errors(path, "read"):
+            found = (path / PARAMS_DIR if is_model_dir(path)
+                     else path / "state" if (path / "state").is_dir()  # a run checkpoint step directory
+                     else None)
+        if found is None:
             raise FileNotFoundError(f"{path} is neither an apriel-jax model directory nor a run checkpoint step")
-        with _quiet_orbax(), ocp.PyTreeCheckpointer() as checkpointer:
+        self.tree_dir = found
+        with _quiet_orbax(), ocp.PyTreeCheckpointer() as checkpointer, storage.storage_errors(path, "read"):
             metadata = checkpointer.metadata(self.tree_dir)
         tree = getattr(metadata, "item_metadata", None)
         tree = getattr(tree, "tree", tree) if tree is not None else metadata
@@ -83,7 +85,7 @@ class _Source:
                 node = node.setdefault(k, {})
             node[keys[-1]] = target
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-        with _quiet_orbax(), ocp.PyTreeCheckpointer() as checkpointer:
+        with _quiet_orbax(), ocp.PyTreeCheckpointer() as checkpointer, storage.storage_errors(self.path, "read"):
             restored = checkpointer.restore(
                 self.tree_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
         out = {}
@@ -122,7 +124,8 @@ def _groups(names: list[str], nbytes: dict[str, int], budget: int) -> list[list[
 
 
 def weighted_average(paths: Sequence, weights: Sequence[float], model_cfg, out_dir, *, mesh: Mesh | None = None,
-                     group_bytes: int = DEFAULT_GROUP_BYTES, extra_files: dict[str, bytes] | None = None) -> Path:
+                     group_bytes: int = DEFAULT_GROUP_BYTES,
+                     extra_files: dict[str, bytes] | None = None) -> storage.Location:
     """Write ``sum_i weights[i] * checkpoint_i`` as an apriel-jax model directory ``out_dir``.
 
     Weights must be non-negative and sum to 1. Every source must hold exactly this model's parameters with

@@ -1,12 +1,14 @@
-"""What a pipeline will do (``--plan``) and what it did (summary table, loss-curve PNG)."""
+"""What a pipeline will do (``--plan``) and what it did (summary table, loss-curve PNG).
+
+The stage logs are read from, and ``summary.json`` and the PNG written to, the run directory, local or
+``gs://`` (``apriel_jax.storage``; ``summary.json`` atomically).
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import ml_collections
 
+from apriel_jax import storage
 from apriel_jax.stages.config import averaged_steps, stage_steps, validate_pipeline
 from apriel_jax.stages.runner import stage_paths
 
@@ -141,7 +143,7 @@ def summary_table(summaries: list[dict]) -> str:
                    "wall"], rows)
 
 
-def plot_pipeline(cfg, out) -> Path | None:
+def plot_pipeline(cfg, out) -> storage.Location | None:
     """Train and held-out loss of every stage on one step axis (stages side by side), one PNG."""
     from apriel_jax.train.metrics import JSONL_NAME, read_jsonl
     from apriel_jax.train.plot import save_figure
@@ -155,7 +157,9 @@ def plot_pipeline(cfg, out) -> Path | None:
     offset, drew = 0, False
     for name in cfg.order:
         path = stage_paths(cfg, name).run / JSONL_NAME
-        if not path.is_file():
+        with storage.storage_errors(path, "read"):
+            found = path.is_file()
+        if not found:
             continue
         entries = read_jsonl(path)
         train = [(e["step"], e["loss"]) for e in entries if e["split"] == "train" and e.get("loss") is not None]
@@ -190,7 +194,7 @@ def plot_pipeline(cfg, out) -> Path | None:
     return save_figure(fig, out)
 
 
-def write_summary(cfg, summaries: list[dict]) -> Path:
-    path = Path(cfg.run_dir) / "summary.json"
-    path.write_text(json.dumps(summaries, indent=2, sort_keys=True))
+def write_summary(cfg, summaries: list[dict]) -> storage.Location:
+    path = storage.location(cfg.run_dir) / "summary.json"
+    storage.write_json(path, summaries)
     return path

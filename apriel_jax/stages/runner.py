@@ -8,31 +8,39 @@ Layout under ``run_dir``::
     STAGE/DONE.json   the stage summary; its presence marks the stage finished
     export/hf/        the last final in Hugging Face format
 
-Every artifact is written atomically, and ``DONE.json`` only after ``final/``: rerunning the same
+``run_dir`` (and ``export.hf_dir``, ``base``) may be local or ``gs://`` (``apriel_jax.storage``): a pod
+job keeps everything in a bucket and every host runs the same command. Every artifact is written so
+that a reader never trusts a half-written one: model directories (``init/``, ``final/``) and the export
+behind their marker file, written last (``storage.new_directory``); single files (``DONE.json``,
+``summary.json``, ``EXPORTED_FROM.json``) atomically; checkpoints by orbax's own commit protocol.
+``DONE.json`` is written only after ``final/`` is complete, and a stage counts as finished (to skip it,
+or to start another stage from its ``final/``) only with its ``DONE.json``. So rerunning the same
 command skips finished stages and resumes an interrupted one from its latest checkpoint (the training
 loop restores the train state and the data iterator, so the resumed run is bit-identical). A stage
-stopped by SIGTERM or by repeated non-finite steps stops the pipeline with that status.
+stopped by SIGTERM, by repeated non-finite steps or by a storage failure stops the pipeline with that
+status.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import ml_collections
 
+from apriel_jax import storage
 from apriel_jax.stages.config import averaged_steps, average_interval, stage_steps, validate_pipeline
 from apriel_jax.train.config import train_config
 
 DONE_FILE = "DONE.json"
+EXPORT_STAMP = "EXPORTED_FROM.json"
+HF_MARKER = "config.json"  # written last by the HF export: an export without it is incomplete
 
 
 class StageFailed(RuntimeError):
-    """A stage ended without completing (preempted or diverged); ``status`` is the train loop's status."""
+    """A stage ended without completing (preempted, diverged, io_error); ``status`` is the train loop's status."""
 
     def __init__(self, stage: str, status: str, message: str):
         super().__init__(message)
@@ -41,31 +49,43 @@ class StageFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class StagePaths:
-    root: Path
+    root: storage.Location
 
     @property
-    def init(self) -> Path:
+    def init(self) -> storage.Location:
         return self.root / "init"
 
     @property
-    def run(self) -> Path:
+    def run(self) -> storage.Location:
         return self.root / "run"
 
     @property
-    def final(self) -> Path:
+    def final(self) -> storage.Location:
         return self.root / "final"
 
     @property
-    def done(self) -> Path:
+    def done(self) -> storage.Location:
         return self.root / DONE_FILE
 
 
 def stage_paths(cfg, name: str) -> StagePaths:
-    return StagePaths(Path(cfg.run_dir).absolute() / name)
+    return StagePaths(storage.location(cfg.run_dir) / name)
 
 
-def export_dir(cfg) -> Path:
-    return Path(cfg.export.hf_dir or Path(cfg.run_dir) / "export" / "hf").absolute()
+def export_dir(cfg) -> storage.Location:
+    return storage.location(cfg.export.hf_dir or storage.location(cfg.run_dir) / "export" / "hf")
+
+
+def _exists(loc) -> bool:
+    with storage.storage_errors(loc, "read"):
+        return loc.exists()
+
+
+def stage_finished(cfg, name: str) -> bool:
+    """Whether stage ``name`` finished: its DONE.json, written after its final/, is there."""
+    done = stage_paths(cfg, name).done
+    with storage.storage_errors(done, "read"):
+        return done.is_file()
 
 
 def select_stages(cfg, only: str | None = None, start: str | None = None) -> list[str]:
@@ -80,6 +100,16 @@ def select_stages(cfg, only: str | None = None, start: str | None = None) -> lis
     return names
 
 
+def init_stage(cfg, name: str) -> str | None:
+    """The earlier stage whose final/ stage ``name`` starts from (None: it starts elsewhere)."""
+    s = cfg.stages[name]
+    if s.init == "previous":
+        return cfg.order[cfg.order.index(name) - 1]
+    if s.init.startswith("stage:"):
+        return s.init[len("stage:"):]
+    return None
+
+
 def init_source(cfg, name: str) -> str | None:
     """The directory a stage starts from (None: random init from ``cfg.model``)."""
     s = cfg.stages[name]
@@ -87,10 +117,9 @@ def init_source(cfg, name: str) -> str | None:
         return None
     if s.init == "base":
         return cfg.base
-    if s.init == "previous":
-        return str(stage_paths(cfg, cfg.order[cfg.order.index(name) - 1]).final)
-    if s.init.startswith("stage:"):
-        return str(stage_paths(cfg, s.init[len("stage:"):]).final)
+    earlier = init_stage(cfg, name)
+    if earlier is not None:
+        return str(stage_paths(cfg, earlier).final)
     return s.init
 
 
@@ -114,11 +143,11 @@ def stage_train_config(cfg, name: str, init_dir: str | None) -> ml_collections.C
     return tcfg
 
 
-def _read_metrics(run_dir: Path) -> list[dict]:
+def _read_metrics(run_dir) -> list[dict]:
     from apriel_jax.train.metrics import JSONL_NAME, read_jsonl
 
     path = run_dir / JSONL_NAME
-    return read_jsonl(path) if path.is_file() else []
+    return read_jsonl(path) if _exists(path) else []
 
 
 def _first_last(entries: list[dict], split: str, key: str):
@@ -127,11 +156,13 @@ def _first_last(entries: list[dict], split: str, key: str):
 
 
 def _tokenizer_files(path) -> dict[str, bytes]:
-    """Tokenizer files at ``path`` (a file, or a directory such as a stage's final), carried into every
-    final and from there into the HF export."""
-    path = Path(path)
-    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()] if path.is_dir() else []
-    return {p.name: p.read_bytes() for p in files if p.name.startswith(("tokenizer", "tekken", "special_tokens"))}
+    """Tokenizer files at ``path`` (a file, or a directory such as a stage's final; local or ``gs://``),
+    carried into every final and from there into the HF export."""
+    path = storage.location(path)
+    with storage.storage_errors(path, "read"):
+        files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()] if path.is_dir() else []
+    return {p.name: storage.read_bytes(p) for p in files
+            if p.name.startswith(("tokenizer", "tekken", "special_tokens"))}
 
 
 def _run_tokenizer_files(tcfg) -> dict[str, bytes]:
@@ -162,14 +193,16 @@ class Runner:
 
     def run(self, only: str | None = None, start: str | None = None, redo: bool = False) -> list[dict]:
         names = select_stages(self.cfg, only, start)
-        Path(self.cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        # Credentials, buckets and write access before any work (a pod job would otherwise find out
+        # after compiling, or only when it writes its first result).
+        storage.preflight(write=[self.cfg.run_dir, export_dir(self.cfg)], read=[self.cfg.base])
         summaries = []
         for name in names:
             paths = stage_paths(self.cfg, name)
-            if redo and paths.root.exists():
-                shutil.rmtree(paths.root)
-            if paths.done.is_file():
-                summary = json.loads(paths.done.read_text())
+            if redo:
+                storage.remove_tree(paths.root)
+            if stage_finished(self.cfg, name):
+                summary = json.loads(storage.read_text(paths.done))
                 self.log(f"[{name}] finished earlier ({paths.done}): skipped")
             else:
                 summary = self.run_stage(name)
@@ -179,20 +212,22 @@ class Runner:
     def run_stage(self, name: str) -> dict:
         s, paths = self.cfg.stages[name], stage_paths(self.cfg, name)
         t0 = time.time()
-        paths.root.mkdir(parents=True, exist_ok=True)
         self.log(f"[{name}] {s.description or s.kind}")
         summary = self._merge(name) if s.kind == "merge" else self._train(name)
         summary["wall_s"] = time.time() - t0  # of this invocation (a resumed stage counts its last part)
-        paths.done.write_text(json.dumps(summary, indent=2, sort_keys=True))
+        storage.write_json(paths.done, summary)
         self.log(f"[{name}] done in {summary['wall_s']:.0f} s -> {paths.final}")
         return summary
 
     def _init_dir(self, name: str) -> str | None:
         s, paths = self.cfg.stages[name], stage_paths(self.cfg, name)
-        source = init_source(self.cfg, name)
-        if source is not None and not Path(source).exists():
+        source, earlier = init_source(self.cfg, name), init_stage(self.cfg, name)
+        if earlier is not None and not stage_finished(self.cfg, earlier):
+            raise FileNotFoundError(f"stage {name!r} starts from {source}, the final of stage {earlier!r}, which "
+                                    f"has not finished (no {DONE_FILE}): run the earlier stages first")
+        if source is not None and not _exists(storage.location(source)):
             raise FileNotFoundError(f"stage {name!r} starts from {source}, which does not exist "
-                                    "(run the earlier stages first, or fix stages.{name}.init)")
+                                    f"(run the earlier stages first, or fix stages.{name}.init)")
         if s.transform.kind == "none":
             return source
         from apriel_jax.checkpoint.orbax_io import is_model_dir
@@ -201,7 +236,7 @@ class Runner:
             self._upscale(name, source, paths.init)
         return str(paths.init)
 
-    def _upscale(self, name: str, source: str | None, out: Path) -> None:
+    def _upscale(self, name: str, source: str | None, out) -> None:
         from flax import nnx
 
         from apriel_jax.checkpoint.orbax_io import save_model
@@ -235,11 +270,11 @@ class Runner:
             raise StageFailed(name, result["status"],
                               f"stage {name!r} stopped: {result['status']} at step {result['step']} "
                               "(checkpoint saved; rerun the pipeline to resume)")
-        model_cfg = _run_model_config(paths.run)
-        ckpt_dir = Path(result["checkpoint_dir"])
+        ckpt_dir = storage.location(result["checkpoint_dir"])
+        model_cfg, saved = _run_checkpoints(ckpt_dir)
         if s.finalize.kind == "average":
             steps = averaged_steps(s)
-            missing = [k for k in steps if not (ckpt_dir / str(k)).is_dir()]
+            missing = [k for k in steps if k not in saved]
             if missing:
                 raise FileNotFoundError(f"stage {name!r}: checkpoints {missing} to average are not in {ckpt_dir}")
         else:
@@ -266,9 +301,10 @@ class Runner:
 
         s, paths = self.cfg.stages[name], stage_paths(self.cfg, name)
         sources = [stage_paths(self.cfg, other).final for other in s.merge.stages]
-        for src in sources:
-            if not src.is_dir():
-                raise FileNotFoundError(f"stage {name!r} merges {src}, which does not exist (run those stages first)")
+        for other, src in zip(s.merge.stages, sources):
+            if not stage_finished(self.cfg, other):
+                raise FileNotFoundError(f"stage {name!r} merges {src}, the final of stage {other!r}, which has not "
+                                        f"finished (no {DONE_FILE}): run those stages first")
         model_cfg = load_config(sources[0])
         extra = _tokenizer_files(sources[0])
         self.log(f"[{name}] merge {list(s.merge.stages)} with weights {list(s.merge.weights)}")
@@ -277,32 +313,42 @@ class Runner:
                     trainable_params=0, frozen_params=param_count(model_cfg), merged=list(s.merge.stages),
                     weights=list(s.merge.weights), final=str(paths.final))
 
-    def _average(self, sources, weights, model_cfg, out: Path, extra_files: dict[str, bytes]) -> None:
+    def _average(self, sources, weights, model_cfg, out, extra_files: dict[str, bytes]) -> None:
         from apriel_jax.stages.averaging import weighted_average
 
         weighted_average(sources, weights, model_cfg, out, mesh=self.mesh, extra_files=extra_files)
 
     # ------------------------------------------------------------------------------------ export
 
-    def export(self) -> Path:
+    def export(self) -> storage.Location:
         from apriel_jax.checkpoint.pretrained import orbax_to_hf
 
-        last = stage_paths(self.cfg, self.cfg.order[-1])
+        last_name = self.cfg.order[-1]
+        last = stage_paths(self.cfg, last_name)
         out = export_dir(self.cfg)
-        if not last.done.is_file():
-            raise FileNotFoundError(f"the last stage {self.cfg.order[-1]!r} has not finished; nothing to export")
-        stamp = out / "EXPORTED_FROM.json"
-        if stamp.is_file() and json.loads(stamp.read_text()).get("source") == str(last.final):
+        if not stage_finished(self.cfg, last_name):
+            raise FileNotFoundError(f"the last stage {last_name!r} has not finished; nothing to export")
+        if self._exported_from(out) == str(last.final):
             return out
         orbax_to_hf(last.final, out, dtype=self.cfg.export.dtype or None, overwrite=True)
-        stamp.write_text(json.dumps({"source": str(last.final)}))
+        storage.write_json(out / EXPORT_STAMP, {"source": str(last.final)})
         self.log(f"exported {last.final} -> {out} (Hugging Face LlavaForConditionalGeneration)")
         return out
 
+    @staticmethod
+    def _exported_from(out) -> str | None:
+        """The final a complete export at ``out`` was made from (None: no complete export there). On GCS
+        an overwritten export loses its marker first: a stamp without the marker is a leftover."""
+        stamp = out / EXPORT_STAMP
+        if not (_exists(stamp) and _exists(out / HF_MARKER)):
+            return None
+        return json.loads(storage.read_text(stamp)).get("source")
 
-def _run_model_config(run_dir: Path) -> ml_collections.ConfigDict:
-    """The model config a run trained (the train loop writes it into every checkpoint's metadata)."""
+
+def _run_checkpoints(ckpt_dir) -> tuple[ml_collections.ConfigDict, list[int]]:
+    """The model config a run trained (the train loop writes it into every checkpoint's metadata) and the
+    steps of its complete checkpoints."""
     from apriel_jax.train.checkpointing import RunCheckpointer
 
-    with RunCheckpointer(run_dir / "checkpoints", save_every=1) as ckpt:
-        return ml_collections.ConfigDict(ckpt.read_meta()["model_config"])
+    with RunCheckpointer(ckpt_dir, save_every=1) as ckpt:
+        return ml_collections.ConfigDict(ckpt.read_meta()["model_config"]), ckpt.all_steps()

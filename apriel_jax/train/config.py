@@ -3,14 +3,23 @@
 Every leaf has its final type here, so ``--config.x=y`` overrides are parsed as that type (and a typo'd
 key fails). Config files (``configs/train/*.py``) start from :func:`train_config` and change fields.
 
-A data source is a plain dict ``{name, kind, paths, weight}``; ``kind`` is one of :data:`SOURCE_KINDS`:
+A data source is a plain dict ``{name, kind, paths, weight, options}``; ``kind`` is one of :data:`SOURCE_KINDS`:
 
 * ``jsonl`` / ``array_record``: record files: ``{"text": ...}`` records, and with ``data.tokenizer`` set
   also chat records (``{"messages": [...]}``, images by path or inline base64);
+* ``parquet``: Parquet files, a ``text`` or ``messages`` column and image bytes in an ``images``/``image``
+  column (the layout of most public VLM datasets; mapping in ``apriel_jax.data.columns``);
 * ``bytes_text``: plain text files, one record per non-blank paragraph; no paths = a built-in text;
+* ``tfds``: a TFDS split; ``paths`` = [a registered dataset name, or a prepared builder directory]
+  (options ``split``, ``data_dir``), examples mapped like Parquet rows;
 * ``synthetic``: the synthetic visual task mixture of CPT stage 2 (``paths`` unused; needs ``data.tokenizer``);
 * ``synthetic_text`` / ``synthetic_chat``: generated paragraphs / reasoning chats (``data.synthetic.text``),
   with a real held-out split by seed (chats need ``data.tokenizer``).
+
+The ``paths`` of the file-backed kinds (:data:`FILE_SOURCE_KINDS`) are files, globs (``gs://b/text/*.array_record``)
+or, for ``array_record``, directories written by ``apriel-jax data prepare``; local or ``gs://``. A run
+expands them once into the source's ``files`` (sorted), which its checkpoints record, so a resumed run reads
+the same files (``apriel_jax.train.inputs.resolve_data_files``).
 
 Without ``data.tokenizer`` text is byte-tokenized (ids = bytes + 20), which needs no tokenizer file; with
 it (a tokenizer file/directory, or ``"pixtral"`` for the Tekken tokenizer mistral-common ships) records
@@ -19,21 +28,42 @@ go through ``data.records.RecordToDocument`` with the ``data.chat_format`` and `
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from apriel_jax.model import get_preset
 
-SOURCE_KINDS = ("jsonl", "array_record", "bytes_text", "synthetic", "synthetic_text", "synthetic_chat")
+SOURCE_KINDS = ("jsonl", "array_record", "parquet", "bytes_text", "tfds", "synthetic", "synthetic_text",
+                "synthetic_chat")
+# Kinds whose ``paths`` name files (expanded into ``files`` when a run starts).
+FILE_SOURCE_KINDS = ("jsonl", "array_record", "parquet", "bytes_text")
+# The options each kind understands (other kinds take none).
+SOURCE_OPTIONS = {
+    "parquet": ("text_column", "messages_column", "images_column"),
+    "tfds": ("split", "data_dir", "text_column", "messages_column", "images_column"),
+    "synthetic": ("tasks", "image_size", "difficulty"),
+    "synthetic_text": ("topics",),
+}
 SCHEDULES = ("linear", "cosine")
 
 # Exit codes of ``apriel-jax train`` (also the ``status`` of the summary train() returns).
-EXIT_CODES = {"completed": 0, "diverged": 3, "preempted": 75}  # 75 = EX_TEMPFAIL: "rerun to resume"
+# 75 = EX_TEMPFAIL: "rerun to resume"; 74 = EX_IOERR: storage failed mid-run (a data shard that stayed
+# unreadable after retries, a checkpoint that could not be written); the checkpoints already saved are intact.
+# 65 = EX_DATAERR: more than data.max_skip_fraction of the records read were malformed (checkpoint saved).
+EXIT_CODES = {"completed": 0, "diverged": 3, "bad_data": 65, "io_error": 74, "preempted": 75}
 
 
 def source(name: str, kind: str, paths=(), weight: float = 1.0, **options) -> dict:
-    """One entry of ``data.sources`` / ``eval.sources``; ``options`` go to generated sources:
+    """One entry of ``data.sources`` / ``eval.sources``. ``paths``: files, globs or prepared directories
+    (local or ``gs://``) for the file-backed kinds, ``[name or builder dir]`` for ``tfds``. ``options``:
+    ``parquet``: ``text_column`` / ``messages_column`` / ``images_column`` (defaults ``text``,
+    ``messages``, ``images`` or ``image``; ``""`` ignores images);
+    ``tfds``: ``split`` (default ``train``), ``data_dir``, and the same column names;
     ``synthetic``: ``tasks`` (task -> weight), ``image_size`` (pixels, square), ``difficulty``;
     ``synthetic_text``: ``topics`` (grammar -> weight)."""
+    if isinstance(paths, str):
+        paths = [paths]
     return dict(name=name, kind=kind, paths=list(paths), weight=float(weight), options=dict(options))
 
 
@@ -56,6 +86,14 @@ def train_config() -> ml_collections.ConfigDict:
         loss="all",  # "all": every token but the first of a document counts; "responses": assistant turns only
         tokenizer="",  # "" = byte-level text; else a tokenizer path or "pixtral"
         chat_format="apriel",  # apriel | think | nothink (data.chat.ChatFormat modes)
+        # A malformed record (named by file:line and a reason, see apriel_jax.data.errors.REASONS):
+        # "skip" it (counted per reason, in the metrics) or stop the run ("error").
+        on_invalid="skip",
+        # Stop when more than this fraction of the records read were skipped (1.0: never). A curated
+        # dataset loses far less than 1%; a systematic fault (wrong image folder, a format not understood,
+        # loss on responses over chats without answers) loses far more, and should stop the run early.
+        max_skip_fraction=0.01,
+        skip_check_after=1000,  # records read before max_skip_fraction applies (a few early skips are noise)
     ))
 
     cfg.optimizer = ml_collections.ConfigDict(dict(
@@ -75,6 +113,9 @@ def train_config() -> ml_collections.ConfigDict:
         keep_last=2,
         keep_every=0,  # 0: none kept beyond the last keep_last
         async_save=True,
+        # A latest checkpoint that cannot be restored (a damaged file): resume from the newest intact one
+        # and move the damaged ones aside (True), or stop and say so (False; `apriel-jax train --no-fallback`).
+        fallback=True,
     ))
     cfg.eval = ml_collections.ConfigDict(dict(
         every=0,  # 0: no periodic evaluation
@@ -88,6 +129,9 @@ def train_config() -> ml_collections.ConfigDict:
     ))
     cfg.log = ml_collections.ConfigDict(dict(
         every=1, tensorboard=True, wandb=False, wandb_project="apriel-jax", console=True,
+        # A gs:// run dir: metrics.jsonl and TensorBoard events are uploaded at most this often (and always
+        # before a checkpoint is saved and at the end); a local run dir is written at every step.
+        remote_flush_s=30.0,
     ))
     cfg.init = ml_collections.ConfigDict(dict(
         seed=0,
@@ -119,15 +163,13 @@ def validate_train_config(cfg) -> None:
     problems = []
     for where, sources in (("data.sources", cfg.data.sources), ("eval.sources", cfg.eval.sources)):
         for i, s in enumerate(sources):
-            missing = {"name", "kind"} - set(s)
-            if missing:
-                problems.append(f"{where}[{i}] lacks {sorted(missing)}")
-            elif s["kind"] not in SOURCE_KINDS:
-                problems.append(f"{where}[{i}].kind={s['kind']!r} is not one of {SOURCE_KINDS}")
+            problems.extend(_source_problems(f"{where}[{i}]", s))
     if not cfg.data.sources:
         problems.append("data.sources is empty")
+    problems.extend(_data_problems(cfg.data))
     if cfg.optimizer.schedule not in SCHEDULES:
         problems.append(f"optimizer.schedule={cfg.optimizer.schedule!r} is not one of {SCHEDULES}")
+    problems.extend(_number_problems(cfg))
     for key in ("steps", "grad_accum_steps", "chunk_size", "max_bad_steps"):
         if cfg[key] < 1:
             problems.append(f"{key}={cfg[key]} must be >= 1")
@@ -138,3 +180,90 @@ def validate_train_config(cfg) -> None:
                         f"grad_accum_steps={cfg.grad_accum_steps}")
     if problems:
         raise ValueError("bad train config: " + "; ".join(problems))
+
+
+# (field, lowest, highest, whether the lowest is allowed): every such number must also be finite. A
+# negative learning rate trains uphill and a NaN one poisons the first update: both are refused here.
+_NUMBER_RANGES = (
+    ("optimizer.peak_lr", 0.0, math.inf, False),
+    ("optimizer.warmup_fraction", 0.0, 1.0, True),
+    ("optimizer.final_lr_fraction", 0.0, 1.0, True),
+    ("optimizer.weight_decay", 0.0, math.inf, True),
+    ("optimizer.clip_norm", 0.0, math.inf, True),  # 0: no clipping
+    ("optimizer.b1", 0.0, 1.0, True),
+    ("optimizer.b2", 0.0, 1.0, True),
+    ("optimizer.eps", 0.0, math.inf, False),
+    ("z_loss_weight", 0.0, math.inf, True),
+    ("log.remote_flush_s", 0.0, math.inf, True),
+    ("debug.step_sleep_s", 0.0, math.inf, True),
+)
+_AT_LEAST = (("checkpoint.save_every", 1), ("checkpoint.keep_last", 1), ("checkpoint.keep_every", 0),
+             ("eval.every", 0), ("eval.batches", 1), ("eval.counting_samples", 0), ("log.every", 1))
+
+
+def _number_problems(cfg) -> list[str]:
+    """Numbers out of range or not finite, each named by its field."""
+    def get(key):
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    problems = []
+    for key, low, high, low_ok in _NUMBER_RANGES:
+        value = get(key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and (low < value or low_ok and low == value)
+                and value <= high):
+            bound = f"{'>=' if low_ok else '>'} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+            problems.append(f"{key}={value!r} must be a finite number {bound}")
+    for key, least in _AT_LEAST:
+        if get(key) < least:
+            problems.append(f"{key}={get(key)} must be >= {least}")
+    return problems
+
+
+def _data_problems(data) -> list[str]:
+    """What is wrong with the data section's settings (other than its sources)."""
+    from apriel_jax.data.chat import MODES
+    from apriel_jax.data.validate import ON_INVALID
+
+    problems = []
+    if data.on_invalid not in ON_INVALID:
+        problems.append(f"data.on_invalid={data.on_invalid!r} is not one of {ON_INVALID}")
+    if not (math.isfinite(data.max_skip_fraction) and 0.0 <= data.max_skip_fraction <= 1.0):
+        problems.append(f"data.max_skip_fraction={data.max_skip_fraction} must be in [0, 1] (1: never stop)")
+    if data.skip_check_after < 0:
+        problems.append(f"data.skip_check_after={data.skip_check_after} must be >= 0")
+    if data.loss not in ("all", "responses"):
+        problems.append(f"data.loss={data.loss!r} is not 'all' or 'responses'")
+    if data.chat_format not in MODES:
+        problems.append(f"data.chat_format={data.chat_format!r} is not one of {MODES}")
+    for key, least in (("patch_budget", 0), ("worker_count", 0), ("max_pending", 1)):
+        if data[key] < least:
+            problems.append(f"data.{key}={data[key]} must be >= {least}")
+    return problems
+
+
+def _source_problems(where: str, s) -> list[str]:
+    missing = {"name", "kind"} - set(s)
+    if missing:
+        return [f"{where} lacks {sorted(missing)}"]
+    kind = s["kind"]
+    if kind not in SOURCE_KINDS:
+        return [f"{where}.kind={kind!r} is not one of {SOURCE_KINDS}"]
+    problems = []
+    weight = s.get("weight", 1.0)
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+        problems.append(f"{where}.weight={weight!r} must be a positive finite number")
+    paths = s.get("paths") or []
+    if isinstance(paths, str):
+        problems.append(f"{where}.paths must be a list of paths, got the string {paths!r}")
+    elif kind in ("jsonl", "array_record", "parquet") and not paths:
+        problems.append(f"{where} ({kind}) has no paths (files, globs or directories, local or gs://)")
+    elif kind == "tfds" and len(paths) != 1:
+        problems.append(f"{where} (tfds) needs paths=[a dataset name or a prepared builder directory], got {paths}")
+    unknown = sorted(set(s.get("options") or {}) - set(SOURCE_OPTIONS.get(kind, ())))
+    if unknown:
+        allowed = list(SOURCE_OPTIONS.get(kind, ()))
+        problems.append(f"{where} ({kind}) has unknown options {unknown}; it takes {allowed}")
+    return problems

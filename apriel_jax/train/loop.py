@@ -4,28 +4,43 @@ Resuming: when ``checkpoint.dir`` holds a checkpoint, the train state and the da
 restored from the latest one (onto the current mesh, whatever mesh saved it). The data pipeline is
 deterministic and the step is a pure function, so a resumed run continues bit-identically.
 
-Stopping early, always after saving a checkpoint at the step boundary (``summary["status"]`` and the
-``apriel-jax train`` exit code, see ``config.EXIT_CODES``):
+Stopping early (``summary["status"]`` and the ``apriel-jax train`` exit code, see ``config.EXIT_CODES``):
 
-* ``preempted`` (75): SIGTERM only sets a flag; the step in flight finishes, then the run saves and
-  exits. Rerunning the same command resumes.
+* ``preempted`` (75): SIGTERM only sets a flag; the step in flight finishes, then the run saves a
+  checkpoint at the step boundary and exits. Rerunning the same command resumes.
 * ``diverged`` (3): ``max_bad_steps`` consecutive steps had a non-finite loss or gradient. The step
-  already dropped those updates, so the saved parameters are the last finite ones.
+  already dropped those updates; the run saves (the last finite parameters) and exits.
+* ``bad_data`` (65): more than ``data.max_skip_fraction`` of the records read so far were malformed and
+  skipped (after ``data.skip_check_after`` records; each process checks its own): the run saves and stops,
+  naming the counts per reason in one line. Fix the data (or raise the fraction) and rerun to resume.
+* ``io_error`` (74): storage failed mid-run (``storage.StorageError``): a data shard that stayed
+  unreadable after the data layer's retries, an evaluation batch, or a checkpoint or log that could not
+  be written. The run waits for saves in flight, prints one line naming the location and the cause to
+  stderr, and stops without saving: the checkpoints already written stay as they are, and rerunning the
+  same command once the storage works resumes from the latest.
+
+Storage: ``run_dir`` and ``checkpoint.dir`` may be local or ``gs://`` (``apriel_jax.storage``). Before
+anything is built, ``setup`` checks that they can be written and that ``init.from_pretrained`` can be
+read (credentials, bucket, permission), so those mistakes cost no compile time. The data files each
+source names are expanded once (globs, prepared directories) and recorded in every checkpoint's run
+config; a resumed run reads the recorded files.
 
 Several processes (``apriel_jax.parallel.distributed``): every process runs ``train(cfg)`` with the same
 config (checked); each packs only the rows of the global batch its devices hold, and the global batch is
 assembled from them. Process 0 writes ``RUN_DIR/metrics.jsonl`` and the console; process i>0 writes its
-own metrics (step and data-wait times) to ``RUN_DIR/hosts/process_<i>/``.
+own metrics (step and data-wait times) to ``RUN_DIR/hosts/process_<i>/``. A storage failure that only
+some processes see (each reads its own shards) stops all of them at the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -34,6 +49,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from apriel_jax import storage
+from apriel_jax.storage.errors import io_failure, quiet_background_failures
+from apriel_jax.data.errors import DataError
 from apriel_jax.model import create_model
 from apriel_jax.parallel import distributed
 from apriel_jax.parallel.mesh import make_mesh
@@ -50,8 +68,8 @@ from apriel_jax.train.step import init_train_state, lm_kernel, make_train_step
 from apriel_jax.utils.config_cli import config_to_json
 
 
-def checkpoint_dir(cfg) -> Path:
-    return Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
+def checkpoint_dir(cfg) -> storage.Location:
+    return storage.location(cfg.checkpoint.dir or storage.location(cfg.run_dir) / "checkpoints")
 
 
 def _check_batch(cfg, mesh) -> None:
@@ -97,6 +115,7 @@ def setup(cfg):
     validate_train_config(cfg)
     distributed.initialize(cfg)  # before any JAX backend use; a no-op for one process or once initialized
     distributed.check_same_config(cfg)
+    storage.preflight(write=[cfg.run_dir, checkpoint_dir(cfg)], read=[cfg.init.from_pretrained])
     mesh = make_mesh({k: int(v) for k, v in cfg.mesh.items()},
                      dcn_degrees={k: int(v) for k, v in cfg.mesh_dcn.items()})
     _check_batch(cfg, mesh)
@@ -104,6 +123,10 @@ def setup(cfg):
                            keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every or None,
                            async_save=cfg.checkpoint.async_save)
     resume_step = ckpt.latest_step()
+    inputs.resolve_data_files(cfg, _recorded_config(ckpt, resume_step))
+    # Again with the data files filled in: every process must have expanded the same patterns to the
+    # same files (a listing of a bucket changing between processes would split the data otherwise).
+    distributed.check_same_config(cfg)
     model_cfg, model = _model(cfg, mesh)
     trainable = tuple(cfg.trainable)
     optimizer = optimizer_from_config(cfg)
@@ -113,11 +136,37 @@ def setup(cfg):
                               grad_accum_steps=cfg.grad_accum_steps, chunk_size=cfg.chunk_size,
                               z_loss_weight=cfg.z_loss_weight)
     data_state, meta = None, {}
-    if resume_step is not None:
-        state, data_state, meta = ckpt.restore(abstract_like(state, step_fn.shardings), step=resume_step)
+    restored = ckpt.restore_latest(abstract_like(state, step_fn.shardings), fallback=cfg.checkpoint.fallback,
+                                   log=lambda line: print(line, file=sys.stderr, flush=True))
+    if restored is not None:
+        step, state, data_state, meta = restored
+        if step != resume_step:  # fell back past damaged checkpoints: read the files that one recorded
+            inputs.resolve_data_files(cfg, meta.get("config"))
     return SimpleNamespace(mesh=mesh, model_cfg=model_cfg, graphdef=graphdef, optimizer=optimizer, state=state,
                            step_fn=step_fn, ckpt=ckpt, data_state=data_state or None, meta=meta,
                            trainable=trainable)
+
+
+def _skip_fraction_problem(cfg, health: dict) -> str | None:
+    """The one-line reason to stop when more than data.max_skip_fraction of the records were skipped."""
+    try:
+        inputs.check_skip_fraction(cfg, health)
+    except DataError as err:
+        return str(err)
+    return None
+
+
+def _recorded_config(ckpt, step: int | None) -> dict | None:
+    """The run config saved with checkpoint ``step`` (None: no checkpoint, or one too damaged to read, in
+    which case the restore falls back to an older one and its config is read then)."""
+    if step is None:
+        return None
+    try:
+        return ckpt.read_meta(step).get("config")
+    except Exception as err:  # noqa: BLE001 - only a damaged checkpoint is tolerated here
+        if io_failure(err) is None:
+            raise
+        return None
 
 
 def make_eval_step(run):
@@ -180,8 +229,8 @@ def _meta(cfg, run, metrics: dict) -> dict:
             "metrics": {k: v for k, v in metrics.items() if v is not None}}
 
 
-def _host_dir(cfg) -> Path:
-    return Path(cfg.run_dir) / "hosts" / f"process_{jax.process_index()}"
+def _host_dir(cfg) -> storage.Location:
+    return storage.location(cfg.run_dir) / "hosts" / f"process_{jax.process_index()}"
 
 
 def _writer(cfg) -> MetricsWriter:
@@ -189,8 +238,9 @@ def _writer(cfg) -> MetricsWriter:
     if jax.process_index() == 0:
         return MetricsWriter(cfg.run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                              wandb_project=cfg.log.wandb_project, console=cfg.log.console,
-                             config=json.loads(config_to_json(cfg)))
-    return MetricsWriter(_host_dir(cfg), tensorboard=False, wandb=False, console=False)
+                             config=json.loads(config_to_json(cfg)), remote_flush_s=cfg.log.remote_flush_s)
+    return MetricsWriter(_host_dir(cfg), tensorboard=False, wandb=False, console=False,
+                         remote_flush_s=cfg.log.remote_flush_s)
 
 
 def _evaluate_and_log(cfg, run, eval_step, counting, writer, step: int) -> float:
@@ -202,14 +252,58 @@ def _evaluate_and_log(cfg, run, eval_step, counting, writer, step: int) -> float
     return scores["loss"]
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+class _StorageFailure:
+    """The first ``storage.StorageError`` of the run, and the agreement of all processes on stopping."""
+
+    def __init__(self):
+        self.error: BaseException | None = None
+        self.message: str | None = None  # set once the processes agreed that one of them failed
+
+    @contextlib.contextmanager
+    def catch(self):
+        try:
+            yield
+        except storage.StorageError as err:
+            self.error = self.error or err
+
+    def agreed(self) -> bool:
+        """Whether any process has failed. A collective: every process calls it at the same points of the
+        loop, so a failure that only some processes see (a shard only they read) stops all of them at the
+        same step instead of leaving the others waiting in the next step's collectives."""
+        if not distributed.any_process(self.error is not None):
+            return False
+        own = _one_line(self.error) if self.error is not None else ""
+        if jax.process_count() == 1:
+            self.message = own
+        else:  # rare path: say which process failed, and why, on every process
+            messages = [m.decode() for m in distributed.allgather_bytes(own.encode())]
+            first = next(p for p, m in enumerate(messages) if m)
+            self.message = f"{messages[first]} (process {first})"
+        return True
+
+    def report(self) -> str | None:
+        if self.error is None and self.message is None:
+            return None
+        return self.message or _one_line(self.error)
+
+
 def train(cfg) -> dict:
-    """Run (or resume) training; returns ``{"status", "step", "loss", "eval_loss", "run_dir", ...}``."""
+    """Run (or resume) training; returns ``{"status", "step", "loss", "eval_loss", "run_dir", "error", ...}``
+    (``error``: the storage failure of an ``io_error`` stop, else None)."""
+    quiet_background_failures()
     run = setup(cfg)
     rows = inputs.process_rows(run.mesh, cfg.data.global_batch)  # this process's share of every batch
     it = iter(inputs.make_dataset(cfg, cfg.data.sources, cfg.data.seed, rows))
     if run.data_state is not None:
         it.set_state(inputs.local_data_state(run.data_state, rows))
     writer = _writer(cfg)
+    # A debug log: in a bucket it goes up with every checkpoint and at the end, never in between.
+    rows_log = (storage.AppendLog(_host_dir(cfg) / "rows.jsonl", upload_every_s=float("inf"))
+                if cfg.debug.log_rows else None)
     eval_step = make_eval_step(run) if cfg.eval.every else None
     counting = None
     if cfg.eval.every and cfg.eval.counting_samples:
@@ -222,17 +316,26 @@ def train(cfg) -> dict:
     step = start = int(jax.device_get(run.state.step))
     if step:
         writer.print(f"resumed from {checkpoint_dir(cfg)} at step {step}")
-    status, bad, last, eval_loss, ema = "completed", 0, {}, None, None
-    if eval_step is not None and cfg.eval.at_start and step == 0:
-        eval_loss = _evaluate_and_log(cfg, run, eval_step, counting, writer, step)
+    status, bad, last, eval_loss, ema, stop_reason = "completed", 0, {}, None, None, None
+    failure = _StorageFailure()
     try:
         with _Preemption() as preemption:
-            while step < cfg.steps:
+            if eval_step is not None and cfg.eval.at_start and step == 0:
+                with failure.catch():
+                    eval_loss = _evaluate_and_log(cfg, run, eval_step, counting, writer, step)
+                if failure.agreed():
+                    status = "io_error"
+            while status == "completed" and step < cfg.steps:
                 t0 = time.perf_counter()
-                batch = next(it)
+                with failure.catch():
+                    run.ckpt.check_for_errors()  # an asynchronous save that failed stops the run now
+                    batch = next(it)
+                if failure.agreed():  # nothing of this step happened: the latest checkpoint is where to resume
+                    status = "io_error"
+                    break
                 wait = time.perf_counter() - t0
-                if cfg.debug.log_rows:
-                    inputs.log_rows(_host_dir(cfg) / "rows.jsonl", step + 1, rows, batch)
+                if rows_log is not None:
+                    inputs.log_rows(rows_log, step + 1, rows, batch)
                 device_batch = inputs.to_global(inputs.model_inputs(batch, cfg.data.patch_budget), run.mesh,
                                                 cfg.data.global_batch)
                 run.state, metrics = run.step_fn(run.state, device_batch)
@@ -250,37 +353,71 @@ def train(cfg) -> dict:
                 last = dict(metrics, step_time_s=step_time, data_wait_s=wait,
                             tokens_per_s=tokens_per_step / step_time, eta_s=ema * (cfg.steps - step),
                             mfu=mfu(flops, step_time, len(devices), device_kind))
+                bad_data = None
                 if step % cfg.log.every == 0 or step == cfg.steps:
+                    # This process's records read and skipped per reason (no collective): logged, and
+                    # checked against data.max_skip_fraction.
+                    health = inputs.data_health(it)
+                    last.update({f"data/{k}": v for k, v in health.items()})
                     writer.write(step, last)
                     writer.print(progress_line(step, cfg.steps, last, platform=platform))
+                    bad_data = _skip_fraction_problem(cfg, health)
                 if eval_step is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
-                    eval_loss = _evaluate_and_log(cfg, run, eval_step, counting, writer, step)
+                    with failure.catch():
+                        eval_loss = _evaluate_and_log(cfg, run, eval_step, counting, writer, step)
+                    if failure.agreed():
+                        status = "io_error"
+                        break
                 # Every process must stop at the same step: SIGTERM may reach only some of them.
                 preempted = distributed.any_process(preemption.requested)
                 if bad >= cfg.max_bad_steps:
                     status = "diverged"
+                elif cfg.data.max_skip_fraction < 1 and distributed.any_process(bad_data is not None):
+                    status, stop_reason = "bad_data", bad_data or "too many records skipped on another process"
                 elif preempted:
                     status = "preempted"
                 stopping = status != "completed" or step == cfg.steps
                 if stopping or run.ckpt.should_save(step):
                     # Gathering the data state is a collective across processes: only when saving.
                     data_state = inputs.global_data_state(it, rows, cfg.data.global_batch)
-                    run.ckpt.save(step, run.state, data_state=data_state, meta=_meta(cfg, run, last),
-                                  force=stopping)
+                    with failure.catch():
+                        # The logs go up before the checkpoint starts: whatever checkpoint a resumed run
+                        # starts from, the logs already cover every step up to it.
+                        writer.flush()
+                        if rows_log is not None:
+                            rows_log.flush()
+                        run.ckpt.save(step, run.state, data_state=data_state, meta=_meta(cfg, run, last),
+                                      force=stopping)
+                    if failure.agreed():
+                        status = "io_error"
                 if status != "completed":
                     break
-        run.ckpt.wait()
+            with failure.catch():  # an asynchronous save still in flight may fail here
+                run.ckpt.wait()
     finally:
-        it.close()
-        writer.close()
-        run.ckpt.close()
-    if status == "diverged":
+        # Each closed even when another fails; a storage failure while closing (the last upload of the
+        # logs, orbax finishing a save) is the run's failure unless an earlier one was recorded.
+        for close in (it.close, writer.close, *([rows_log.close] if rows_log else []), run.ckpt.close):
+            with failure.catch():
+                close()
+    error = failure.report()
+    if error is not None:
+        status = "io_error"
+        print(f"stopped at step {step}: storage failed: {error}; the checkpoints already saved are kept: "
+              "rerun the same command to resume once the storage works", file=sys.stderr, flush=True)
+    elif status == "diverged":
         writer.print(f"stopped at step {step}: {bad} consecutive steps had a non-finite loss or gradient "
                      f"(updates dropped); checkpoint saved with the last finite parameters")
     elif status == "preempted":
         writer.print(f"preempted (SIGTERM) at step {step}: checkpoint saved; rerun the same command to resume")
+    elif status == "bad_data":
+        print(f"stopped at step {step}: {stop_reason} (checkpoint saved)", file=sys.stderr, flush=True)
+    if last.get("data/skip_fraction"):  # records were skipped: say how many, and why, once at the end
+        health = {k[len("data/"):]: v for k, v in last.items() if k.startswith("data/")}
+        writer.print(f"data: {inputs.skip_summary(health)}")
     return {"status": status, "step": step, "start_step": start, "loss": last.get("loss"),
-            "eval_loss": eval_loss, "run_dir": str(cfg.run_dir), "checkpoint_dir": str(checkpoint_dir(cfg))}
+            "eval_loss": eval_loss, "run_dir": str(cfg.run_dir), "checkpoint_dir": str(checkpoint_dir(cfg)),
+            "error": error}
 
 
 def load_params(cfg, step: int | None = None) -> dict:

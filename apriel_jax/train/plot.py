@@ -1,22 +1,29 @@
-"""Training curves of a run directory (its ``metrics.jsonl``) as one PNG; matplotlib, no display needed."""
+"""Training curves of a run directory (its ``metrics.jsonl``) as one PNG; matplotlib, no display needed.
+
+The run directory and the image may be local or ``gs://``: the figure is rendered in memory and written
+through ``apriel_jax.storage`` (atomically: a reader never sees half an image).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
+from apriel_jax import storage
 from apriel_jax.train.metrics import JSONL_NAME, read_jsonl
 
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm (before clipping)"))
 
 
-def plot_run(run_dir, out) -> Path:
+def plot_run(run_dir, out) -> storage.Location:
     import matplotlib
 
     matplotlib.use("Agg")  # headless: training machines have no display
     import matplotlib.pyplot as plt
 
-    path = Path(run_dir) / JSONL_NAME
-    if not path.is_file():
+    path = storage.location(run_dir) / JSONL_NAME
+    with storage.storage_errors(path, "read"):
+        found = path.is_file()
+    if not found:
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a training run directory?")
     entries = read_jsonl(path)
     if not entries:
@@ -36,13 +43,17 @@ def plot_run(run_dir, out) -> Path:
     return save_figure(fig, out)
 
 
-def save_figure(fig, out) -> Path:
-    """Write ``fig`` as a PNG at ``out`` (parent folders created) and release it."""
+def save_figure(fig, out) -> storage.Location:
+    """Write ``fig`` at ``out`` (local, parent folders created, or ``gs://``) and release it; the format
+    follows the file name's suffix, as matplotlib's own ``savefig(path)`` does (PNG without one)."""
     import matplotlib.pyplot as plt
 
+    out = storage.location(out)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format=out.suffix[1:].lower() or "png", dpi=100)
+    finally:
+        plt.close(fig)
+    storage.write_bytes(out, buf.getvalue())
     return out

@@ -109,7 +109,7 @@ def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = Non
     ``grad_accum_steps`` micro-batches; every micro-batch is sharded along ("data", "fsdp"), so B must be
     a multiple of ``grad_accum_steps * data * fsdp``. Metrics (fp32 scalars): loss (mean token
     cross-entropy), z_loss, grad_norm (before clipping), lr, tokens (counted tokens), skipped (1 when the
-    loss or the gradient norm was non-finite and the update was dropped). With ``donate`` the input
+    loss, the gradient norm or the update was non-finite and the update was dropped). With ``donate`` the input
     state's buffers are reused for the output and must not be read afterwards.
     """
     if grad_accum_steps < 1:
@@ -157,7 +157,11 @@ def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = Non
         updates, new_opt, lr = optimizer.update(grads, state.opt_state, state.params, state.step)
         new_params = optax.apply_updates(state.params, updates)
 
-        ok = jnp.isfinite(loss_sum) & jnp.isfinite(z_sum) & jnp.isfinite(grad_norm)
+        # The update is checked too: finite gradients can still make a non-finite update (a NaN or
+        # infinite learning rate, an Adam moment that overflowed), and the saved parameters of a
+        # diverged run must be the last finite ones.
+        update_norm = optax.tree.norm(updates)
+        ok = jnp.isfinite(loss_sum) & jnp.isfinite(z_sum) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
         new_state = TrainState(state.step + 1, keep(new_params, state.params), state.frozen,
                                keep(new_opt, state.opt_state))
