@@ -52,6 +52,8 @@ INSTALL_REQUIRES = [
     "array-record>=0.8.6,<0.9",
     "tensorflow-datasets>=4.9.10,<5",
     "sentencepiece>=0.2.0,<0.3",
+    # Checkpoints' chat templates (apriel_jax.data.chat_template); 3.1.6 closes known sandbox escapes.
+    "jinja2>=3.1.6,<4",
     # mistral-common itself caps numpy below 2.4 on Python <= 3.12.
     "numpy>=2.0,<3",
     "pillow>=10.3",

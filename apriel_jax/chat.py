@@ -10,8 +10,10 @@
                                                {"type": "text", "text": "What is in this picture?"}]}])
     reply.reasoning, reply.answer, reply.tool_calls, reply.text
 
-The prompt ends with the assistant header (and the mode tag in ``think`` / ``nothink`` modes), so the
-model continues as the assistant; generation stops at end-of-sequence.
+The prompt ends with the generation prompt (``<|assistant|>\n``, plus the mode tag in ``think`` /
+``nothink`` modes), so the model continues as the assistant; generation stops at end-of-sequence. Pass
+the checkpoint's own template (``ChatTemplate.from_checkpoint(path)``) to render mode ``apriel`` with it,
+as transformers would; ``think`` / ``nothink`` are built-in modes that no Apriel-1.5 template has.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from apriel_jax.checkpoint.hf_config import ConfigError
 from apriel_jax.data.chat import ChatFormat, parse_response
+from apriel_jax.data.chat_template import ChatTemplate
 from apriel_jax.data.images import ImageConfig
 from apriel_jax.data.prompt import prompt_batch
 from apriel_jax.model.generate import SamplingConfig, generate
@@ -50,14 +53,19 @@ def check_tokenizer_fits(cfg, tokenizer, prompt_ids) -> None:
 
 
 def chat(model, tokenizer, messages: Sequence[dict], *, mode: str = "apriel", tools=None,
-         sampling: SamplingConfig | None = None, seed: int = 0, longest_edge: int = 1024) -> Reply:
-    """One assistant turn for ``messages`` (the chat-record format of the data pipeline)."""
+         sampling: SamplingConfig | None = None, seed: int = 0, longest_edge: int = 1024,
+         template: ChatTemplate | None = None) -> Reply:
+    """One assistant turn for ``messages`` (the chat-record format of the data pipeline).
+
+    ``template``: the checkpoint's chat template; mode ``apriel`` renders with it when given (the other
+    modes are built in and do not use it)."""
     cfg = model.config
     fmt = ChatFormat(mode=mode, image_cfg=ImageConfig(longest_edge=min(longest_edge, cfg.vision.image_size),
-                                                      patch_size=cfg.vision.patch_size))
+                                                      patch_size=cfg.vision.patch_size),
+                     template=template if mode == "apriel" else None)
     doc = fmt.encode(list(messages), tokenizer, tools=tools, add_generation_prompt=True)
     check_tokenizer_fits(cfg, tokenizer, doc.tokens.tolist())
-    batch = prompt_batch([(doc.tokens.tolist(), [(im.patches, im.positions) for im in doc.images])],
+    batch = prompt_batch([(doc.tokens.tolist(), doc.images)],
                          pad_id=tokenizer.pad_id, image_id=tokenizer.image_id)
     sampling = dataclasses.replace(sampling or SamplingConfig(max_new_tokens=256),
                                    stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)

@@ -187,7 +187,7 @@ print(f"loaded in {time.time() - t0:.1f} s: {param_count(cfg):,} parameters, "
 ## Chat with an image
 
 `chat(model, tokenizer, messages)` renders the conversation in the Apriel chat format (system prompt,
-`<|user|>`, the image as `[IMG]` patch tokens, `<|assistant|>` and "Here are my reasoning steps:"),
+`<|user|>`, the image as `[IMG]` patch tokens, `<|assistant|>`: Apriel-1.5's chat template),
 generates with the KV cache until end-of-sequence, and splits the reply: `reasoning` (the thoughts
 before `[BEGIN FINAL RESPONSE]`), `answer` and `tool_calls`.
 
@@ -638,9 +638,10 @@ object **detection** and **counting** over procedurally rendered scenes. The **v
 (projector and decoder train) and the **loss is on the responses only** (the prompt and the image
 tokens are not targets).
 
-Demo: counting and detection questions at 64×64 px. Held-out counting accuracy is measured by greedy
-generation; at this size and budget the model learns the answer format and the answer prior, so the
-summary prints the majority-answer baseline next to it.""",
+Demo: colour, shape and counting questions at 64×64 px, each answer class drawn uniformly. Held-out
+accuracy is measured by greedy generation, printed beside the majority-answer baseline (the best a model
+can do without looking) and a blind control: the same questions with blank images, where a model that
+reads its answers off the image falls back to the baseline.""",
     "sft_main": """\
 ### `sft_main`: supervised fine-tuning with reasoning traces
 
@@ -764,9 +765,9 @@ print("decoder layers:", load_config(runner_paths("base")).decoder.num_layers, "
       load_config(runner_paths("upscale")).decoder.num_layers)"""
         elif stage_name == "cpt2":
             extra = """
-s = summaries["cpt2"]
-print(f"held-out counting accuracy {s['counting_accuracy_start']:.2f} -> {s['counting_accuracy_end']:.2f} "
-      f"(majority-answer baseline {s['counting_majority_baseline']:.2f})")"""
+for task, t in summaries["cpt2"]["tasks"].items():
+    print(f"held-out {task} accuracy {t['accuracy_start']:.2f} -> {t['accuracy_end']:.2f} (majority answer "
+          f"{t['majority_baseline']:.2f}; blind, blank images: {t['blind_accuracy']:.2f})")"""
         elif stage_name == "merge":
             extra = """
 print("merged", summaries["merge"]["merged"], "with weights", summaries["merge"]["weights"])"""
@@ -787,7 +788,7 @@ def runner_paths(name):
 ## Loss curves and summary
 
 `plot_pipeline` draws every stage's train and held-out loss on one step axis (stages side by side), with
-the counting accuracy of the stages that measure it below. The summary table is what
+the held-out task accuracies of the stages that measure them below. The summary table is what
 `apriel-jax pipeline` prints at the end."""),
         code("""\
 from IPython.display import Image as ShowImage, display

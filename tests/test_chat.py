@@ -43,18 +43,19 @@ def _conversation(image):
     ]
 
 
+# The Apriel-1.5 template's layout (tests/test_chat_template.py checks it against the template itself): the
+# system message follows the default prompt directly, the tools preamble ends its block, tools are listed
+# as Python dicts, and the conversation's last message would lose its tool-call ids.
 GOLDEN = (
-    "<s><|system|>\n" + DEFAULT_SYSTEM_PROMPT + "\n\nUse tools when needed.\n\n"
+    "<s><|system|>\n" + DEFAULT_SYSTEM_PROMPT + "Use tools when needed.\n"
     "You are provided with function signatures within <available_tools></available_tools> XML tags. "
-    "You may call one or more functions to assist with the user query. "
-    "Don't make assumptions about what values to plug into functions. Here are the available tools:\n"
+    "You may call one or more functions to assist with the user query. Don't make assumptions about the "
+    "arguments. You should infer the argument values from previous user responses and the system message. "
+    "Here are the available tools:\n"
     "<available_tools>\n"
-    '{"name": "get_weather", "description": "Weather of a city", '
-    '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}\n'
-    "</available_tools>\n\n"
-    "Return all function calls as a list of JSON objects within <tool_calls></tool_calls> XML tags. "
-    "Each JSON object should have a name and arguments field:\n"
-    '<tool_calls>[{"name": <function-name>, "arguments": <args-dict>}, ...]</tool_calls>\n'
+    "{'name': 'get_weather', 'description': 'Weather of a city', "
+    "'parameters': {'type': 'object', 'properties': {'city': {'type': 'string'}}}}\n"
+    "</available_tools>\n"
     "<|end|>\n"
     "<|user|>\nWeather in this city?[IMG]\n<|end|>\n"
     "<|assistant|>\nHere are my reasoning steps:\nI need the weather.\n"
@@ -70,10 +71,11 @@ GOLDEN = (
 def test_golden_apriel_render(image):
     assert render_text(_conversation(image), tools=TOOLS) == GOLDEN
     gen = render_text(_conversation(image)[:2], add_generation_prompt=True)
-    assert gen.endswith("<|user|>\nWeather in this city?[IMG]\n<|end|>\n<|assistant|>\nHere are my reasoning steps:\n")
-    plain = ChatFormat(add_reasoning_prefix=False).render_text([{"role": "user", "content": "Hi"}],
-                                                               add_generation_prompt=True)
-    assert plain == f"<s><|system|>\n{DEFAULT_SYSTEM_PROMPT}\n<|end|>\n<|user|>\nHi\n<|end|>\n<|assistant|>\n"
+    assert gen.endswith("<|user|>\nWeather in this city?[IMG]\n<|end|>\n<|assistant|>\n")
+    prefilled = ChatFormat(add_reasoning_prefix=True).render_text([{"role": "user", "content": "Hi"}],
+                                                                  add_generation_prompt=True)
+    assert prefilled == (f"<s><|system|>\n{DEFAULT_SYSTEM_PROMPT}\n<|end|>\n<|user|>\nHi\n<|end|>\n<|assistant|>\n"
+                         "Here are my reasoning steps:\n")
 
 
 def test_openai_style_tool_calls_render_the_same(image):
@@ -135,10 +137,11 @@ def test_encode_tokens_masks_and_images(tok_name, image, request):
 
     # responses: exactly the two assistant bodies with their closing "\n<|end|>\n</s>".
     assert _runs(doc, tok) == [
-        "I need the weather.\n[BEGIN FINAL RESPONSE]\n\n[END FINAL RESPONSE]\n"
+        "Here are my reasoning steps:\nI need the weather.\n[BEGIN FINAL RESPONSE]\n\n[END FINAL RESPONSE]\n"
         '<tool_calls>[{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call_1"}]</tool_calls>'
         "\n<|end|>\n</s>",
-        "It is 21 degrees.\n[BEGIN FINAL RESPONSE]\n21°C in Paris.\n[END FINAL RESPONSE]\n<|end|>\n</s>",
+        "Here are my reasoning steps:\nIt is 21 degrees.\n[BEGIN FINAL RESPONSE]\n21°C in Paris.\n[END FINAL RESPONSE]"
+        "\n<|end|>\n</s>",
     ]
     everything = fmt.encode(msgs, tok, tools=TOOLS, loss="all")
     np.testing.assert_array_equal(everything.tokens, doc.tokens)
@@ -148,12 +151,15 @@ def test_encode_tokens_masks_and_images(tok_name, image, request):
         fmt.encode(msgs, tok, loss="some")
 
 
-def test_reasoning_prefix_is_a_target_only_without_the_header_option(tekken):
+def test_reasoning_prefix_is_a_target_unless_prefilled(tekken):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "reasoning": "R", "content": "A"}]
-    doc = ChatFormat(add_reasoning_prefix=False).encode(msgs, tekken)
+    doc = ChatFormat().encode(msgs, tekken)
     assert _runs(doc, tekken) == [
         "Here are my reasoning steps:\nR\n[BEGIN FINAL RESPONSE]\nA\n[END FINAL RESPONSE]\n<|end|>\n</s>"]
-    gen = ChatFormat().encode(msgs[:1], tekken, add_generation_prompt=True)
+    prefilled = ChatFormat(add_reasoning_prefix=True)
+    assert _runs(prefilled.encode(msgs, tekken), tekken) == [
+        "R\n[BEGIN FINAL RESPONSE]\nA\n[END FINAL RESPONSE]\n<|end|>\n</s>"]
+    gen = prefilled.encode(msgs[:1], tekken, add_generation_prompt=True)
     assert not gen.loss_mask.any()
     assert tekken.decode(gen.tokens).endswith("<|assistant|>\nHere are my reasoning steps:\n")
 

@@ -43,7 +43,8 @@ def test_prepare_then_inspect(tmp_path, tok_path, capsys):
                  "--rows", "100", "--loss", "responses"]) == 0
     text = capsys.readouterr().out
     assert "Bread rises because yeast" in text  # text.jsonl
-    assert "«The job takes 5 × 12 = 60 worker-days." in text  # a reasoning trace, as a target
+    # A reasoning trace, as a target from its "Here are my reasoning steps:" on (inspect indents lines).
+    assert "«Here are my reasoning steps:\n    The job takes 5 × 12 = 60 worker-days." in text
     assert "<image 8x8>" in text  # the 128x128 checkerboard, embedded as base64 by prepare
     assert "checkerboard" in text
     m = re.search(r"packing efficiency over (\d+) rows: tokens (\d+\.\d)% \((\d+)/(\d+)\), patches", text)

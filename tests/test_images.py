@@ -2,7 +2,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from apriel_jax.data.images import (
     ImageConfig,
@@ -188,6 +188,43 @@ def _encoded(fmt, rng, height=64, width=48):
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, fmt)
     return buf.getvalue()
+
+
+def _phone_jpeg(orientation: int) -> bytes:
+    """A JPEG stored 40 wide and 100 high, tagged with an EXIF ``orientation`` as phones write them."""
+    pixels = np.random.default_rng(orientation).integers(0, 256, (100, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", exif=exif)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tekken():
+    from apriel_jax.data.tokenizer import load_tokenizer, pixtral_tekken_path
+
+    return load_tokenizer(pixtral_tekken_path())
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_gives_transformers_pixels(tmp_path, orientation, tekken):
+    hf_load_image = pytest.importorskip("transformers.image_utils").load_image
+    from apriel_jax.data.chat import ChatFormat
+
+    path = tmp_path / f"phone_{orientation}.jpg"
+    path.write_bytes(_phone_jpeg(orientation))
+    out = _hf_processor(1024)(hf_load_image(str(path)), return_tensors="np")
+    h, w = (int(v) for v in out["image_sizes"][0])
+    want = np.asarray(out["pixel_values"])[0, :, :h, :w].transpose(1, 2, 0)
+    assert (h, w) == ((48, 112) if orientation >= 5 else (112, 48))  # 5-8 turn the image on its side
+
+    cfg = ImageConfig()
+    for image in (load_image(path), load_image(path.read_bytes()), Image.open(path)):  # decoded here or by the caller
+        np.testing.assert_array_equal(preprocess_image(image, cfg), want)
+    message = [{"role": "user", "content": [{"type": "image", "image": str(path)}]}]
+    doc = ChatFormat().encode(message, tekken)
+    np.testing.assert_array_equal(doc.images[0].patches, patchify(want)[0])
 
 
 def test_load_image_roundtrip(tmp_path):

@@ -11,20 +11,26 @@ from PIL import Image, features
 from scipy import ndimage
 
 from apriel_jax.data.synthetic import (
+    CATEGORIES,
     COLORS,
+    DEFAULT_TASKS,
+    ColorTask,
     CountingTask,
     DetectionTask,
     ImageFolderSource,
     MatchingTask,
     ReconstructionTask,
+    ShapeTask,
     TaskMixture,
     box_iou,
     choice_accuracy,
     counting_accuracy,
     detection_score,
+    label_accuracy,
     parse_box,
     parse_choice,
     parse_count,
+    parse_label,
     parse_presence,
     render_scene,
 )
@@ -354,3 +360,30 @@ def test_metrics_score_generated_answers_perfectly():
     assert score["n_present"] == 0 or score["mean_iou"] == 1.0
     preds, answers = zip(*by_task["matching"])
     assert choice_accuracy(preds, answers) == 1.0
+
+
+# ---------------------------------------------------------------- identification probes
+
+
+def test_colour_and_shape_probes_show_one_object_and_ask_the_same_question():
+    for task, key, classes in ((ColorTask(0.0, size=(64, 64)), "color", ("red", "green", "blue", "yellow")),
+                               (ShapeTask(0.0, size=(64, 64)), "category", ("circle", "square", "triangle"))):
+        assert task.classes() == classes
+        samples = [task(np.random.default_rng(seed)) for seed in range(60)]
+        assert {s["messages"][0]["content"][1]["text"] for s in samples} == {task.question}
+        answers = [s["answer"][key] for s in samples]
+        assert set(answers) == set(classes) and max(answers.count(c) for c in classes) <= 30
+        for s, answer in zip(samples, answers):
+            assert s["messages"][1]["content"] == answer
+            pixels = np.asarray(_image(s)).reshape(-1, 3)
+            colours = {tuple(p) for p in pixels} & {tuple(c) for c in COLORS.values()}
+            assert len(colours) == 1  # one flat-coloured object on the grey background
+    assert len(ColorTask(1.0).classes()) == len(COLORS) and len(ShapeTask(1.0).classes()) == len(CATEGORIES)
+    assert {s["task"] for s in TaskMixture(seed=0, length=20)} <= set(DEFAULT_TASKS)
+
+
+def test_parse_label_reads_the_named_class():
+    assert parse_label("Red.", ("red", "blue")) == "red"
+    assert parse_label("I think the answer is: two Circles", ("circle", "square")) == "circle"
+    assert parse_label("bluer", ("red", "blue")) is None
+    assert label_accuracy(["blue", "it is red", ""], ["blue", "red", "red"], ("red", "blue")) == pytest.approx(2 / 3)

@@ -36,7 +36,7 @@ def test_chat_and_synthetic_visual_sources_train(tmp_path):
         patches += int(real_patches.sum())
     assert patches > 0
     cfg.steps = 3
-    cfg.eval.update(every=3, batches=1, counting_samples=4)
+    cfg.eval.update(every=3, batches=1, task_samples=4)
     cfg.log.tensorboard = False
     cfg.checkpoint.save_every = 3
     summary = train(cfg)

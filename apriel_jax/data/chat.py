@@ -2,19 +2,32 @@
 
 Formats (``ChatFormat.mode``):
 
-* ``"apriel"``: Apriel-1.5-Thinker's template. Role tags are *plain text* (``<|user|>`` etc. are
-  tokenized like any other text)::
+* ``"apriel"``: Apriel-1.5-Thinker's chat template (the jinja template in the checkpoint's
+  ``tokenizer_config.json``), character for character. When a checkpoint's own template is given
+  (``ChatFormat(template=ChatTemplate.from_checkpoint(path))``), it renders instead, the way
+  transformers does (:mod:`apriel_jax.data.chat_template`); the built-in renderer gives the same text and
+  token ids (tests compare both with transformers). Role tags are *plain text*::
 
-      <s><|system|>\\n{SYSTEM}\\n<|end|>\\n<|user|>\\n{user}\\n<|end|>\\n<|assistant|>\\n
+      <s><|system|>\\n{DEFAULT}{system message}\\n<|end|>\\n<|user|>\\n{user}\\n<|end|>\\n<|assistant|>\\n
       Here are my reasoning steps:\\n{thoughts}\\n[BEGIN FINAL RESPONSE]\\n{answer}\\n[END FINAL RESPONSE]
       \\n<|end|>\\n</s>
 
-  SYSTEM is the default system prompt, then (``\\n\\n``-separated) the conversation's own system
-  messages, then the tools block. The default is never replaced, only extended.
-* ``"think"`` / ``"nothink"`` (Phi-4-reasoning-vision mode tags, so one model can do both): the
-  assistant body is ``<think>{thoughts}</think>\\n[BEGIN FINAL RESPONSE]\\n{answer}\\n[END FINAL RESPONSE]``
-  or ``<nothink>{answer}``; everything else as in ``"apriel"`` (the reasoning prefix is not used).
-  Their generation prompt ends with the mode tag, so the caller's choice of mode decides the output.
+  As the template does: each system message is its own block, the default system prompt followed directly
+  (no separator) by the message's text; without a system message the block holds the default prompt alone.
+  With tools, each system block ends with ``\\n`` and the tools preamble; a conversation without a system
+  message gets a first block of the default prompt, the preamble and the tool-call instructions, and then
+  the default block as well. Tools are listed one a line as Python writes a dict (the template's
+  ``|string``). An assistant turn's tool calls follow its text after ``\\n`` as
+  ``<tool_calls>[{"name": "…", "arguments": {…}, "id": "…"}, …]</tool_calls>``; the ids are left out in the
+  conversation's last message (the template's ``add_tool_id``), and wherever a call has none. The
+  generation prompt is ``<|assistant|>\\n``, written only after a message that is not an assistant's, so
+  the reply, "Here are my reasoning steps:" included, is the target. ``add_reasoning_prefix=True``
+  (built in only, not the template's) moves that prefix into the assistant header, a prompt.
+* ``"think"`` / ``"nothink"`` (Phi-4-reasoning-vision mode tags, so one model can do both; **not part of
+  Apriel-1.5's template**, always rendered by the built-in renderer): the assistant text is
+  ``<think>{thoughts}</think>\\n[BEGIN FINAL RESPONSE]\\n{answer}\\n[END FINAL RESPONSE]`` or
+  ``<nothink>{answer}``; everything else as in ``"apriel"`` (the reasoning prefix is not used). Their
+  generation prompt ends with the mode tag, so the caller's choice of mode decides the output.
 * ``"mistral_instruct"``: Pixtral-12B's own ``[INST]…[/INST]`` layout, token for token what
   mistral-common's v3 tekken instruct encoder produces (tests compare the two). Mirrored details:
   system messages are joined by ``\\n\\n`` and prepended to the *last* user turn; adjacent text parts
@@ -25,12 +38,16 @@ Formats (``ChatFormat.mode``):
 Messages are OpenAI/HF-like dicts: ``{"role": "system"|"user"|"assistant"|"tool", "content": str |
 [{"type": "text", "text": ...} | {"type": "image", "image": PIL image | array | path | bytes}],
 "reasoning": str (assistant thoughts), "tool_calls": [{"name", "arguments", "id"?}]}``. Tool calls in
-OpenAI's nested ``{"function": {...}}`` form and JSON-string arguments are accepted too.
+OpenAI's nested ``{"function": {...}}`` form and JSON-string arguments are accepted too; a JSON string is
+written as given, a dict as ``json.dumps`` writes it. Apart from user turns, a message's text parts are
+joined. System messages come before all others.
 
-Special tokens (``<s>``, ``</s>``, ``[INST]``, the image layout) are placed by code with ids looked up
-by string; text goes through ``tokenizer.encode`` as plain text, so user text can never inject them.
-Adjacent text pieces with the same loss role are tokenized as one string (as a template + processor
-would), except in ``mistral_instruct`` mode, which tokenizes piece by piece as mistral-common does.
+In the built-in renderer, special tokens (``<s>``, ``</s>``, ``[INST]``, the image layout) are placed by
+code with ids looked up by string; text goes through ``tokenizer.encode`` as plain text, so user text can
+never inject them (a template's control tokens are kept out of user text the same way, see
+:mod:`~apriel_jax.data.chat_template`). Adjacent text pieces with the same loss role are tokenized as one
+string (as a template + processor would), except in ``mistral_instruct`` mode, which tokenizes piece by
+piece as mistral-common does.
 """
 
 from __future__ import annotations
@@ -43,11 +60,14 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from .chat_segments import Image as _Image
+from .chat_segments import Segment, Special, Text, merge_texts
+from .chat_template import ChatTemplate
 from .images import ImageConfig, ImageError, image_token_layout, load_image, patchify, preprocess_image
 from .tokenizer import Tokenizer
 from .types import Document, ImagePatches
 
-__all__ = ["ChatFormat", "DEFAULT_SYSTEM_PROMPT", "ParsedResponse", "parse_response", "render_text"]
+__all__ = ["ChatFormat", "ChatTemplate", "DEFAULT_SYSTEM_PROMPT", "ParsedResponse", "parse_response", "render_text"]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a thoughtful and systematic AI assistant built by ServiceNow Language Models (SLAM) lab. "
@@ -60,47 +80,23 @@ BEGIN_FINAL, END_FINAL = "[BEGIN FINAL RESPONSE]", "[END FINAL RESPONSE]"
 END_TAG = "<|end|>"
 THINK_OPEN, THINK_CLOSE, NOTHINK = "<think>", "</think>", "<nothink>"
 TOOL_CALLS_OPEN, TOOL_CALLS_CLOSE = "<tool_calls>", "</tool_calls>"
-TOOLS_INTRO = (
+# The Apriel-1.5 template's wording, "<tool_call>" in the instructions included.
+TOOLS_PREAMBLE = (
     "You are provided with function signatures within <available_tools></available_tools> XML tags. "
-    "You may call one or more functions to assist with the user query. "
-    "Don't make assumptions about what values to plug into functions. Here are the available tools:\n"
+    "You may call one or more functions to assist with the user query. Don't make assumptions about the "
+    "arguments. You should infer the argument values from previous user responses and the system message. "
+    "Here are the available tools:\n"
 )
-TOOLS_OUTRO = (
-    "Return all function calls as a list of JSON objects within <tool_calls></tool_calls> XML tags. "
-    "Each JSON object should have a name and arguments field:\n"
-    '<tool_calls>[{"name": <function-name>, "arguments": <args-dict>}, ...]</tool_calls>'
+TOOL_CALL_INSTRUCTIONS = (
+    "Return all function calls as a list of json objects within <tool_call></tool_call> XML tags. "
+    "Each json object should contain a function name and arguments as follows:\n"
+    '<tool_calls>[{"name": <function-name-1>, "arguments": <args-dict-1>}, '
+    '{"name": <function-name-2>, "arguments": <args-dict-2>},...]</tool_calls>'
 )
 MODES = ("apriel", "think", "nothink", "mistral_instruct")
 _ROLES = ("system", "user", "assistant", "tool")
 
 Message = dict[str, Any]
-
-
-# --------------------------------------------------------------------------------------- segments
-# A conversation is first rendered to segments; ``render_text`` and ``encode`` both read them, so the
-# debug string and the token ids can never describe different conversations.
-
-
-@dataclass(frozen=True)
-class _Text:
-    text: str
-    target: bool
-    boundary: bool = False  # True: tokenize on its own, never merged with the previous text
-
-
-@dataclass(frozen=True)
-class _Special:
-    name: str  # token string, e.g. "<s>"
-    target: bool
-
-
-@dataclass(frozen=True)
-class _Image:
-    image: Any
-    where: str  # "message 2, image 1": named in errors
-
-
-_Segment = Union[_Text, _Special, _Image]
 
 
 def _parts(message: Message, where: str, allow_images: bool) -> list[Union[str, _Image]]:
@@ -131,44 +127,55 @@ def _text_of(message: Message, where: str) -> str:
     return "".join(_parts(message, where, allow_images=False))
 
 
-def _normalise_call(call: dict, where: str) -> dict:
-    """``{"name", "arguments", "id"?}`` from our form or OpenAI's ``{"function": {...}, "id"}``."""
+@dataclass(frozen=True)
+class _ToolCall:
+    name: str
+    arguments: str  # JSON text, written as it is
+    id: str | None
+
+
+def _tool_call(call: dict, where: str) -> _ToolCall:
+    """A call from our form ``{"name", "arguments", "id"?}`` or OpenAI's ``{"function": {...}, "id"}``."""
     fn = call.get("function", call)
     arguments = fn.get("arguments", {})
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
+            json.loads(arguments)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: tool call {fn.get('name')!r} has invalid JSON arguments: {err}") from err
-    out = {"name": fn["name"], "arguments": arguments}
-    if call.get("id") is not None:
-        out["id"] = call["id"]
-    return out
+    else:
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    call_id = call.get("id")
+    return _ToolCall(str(fn["name"]), arguments, None if call_id is None else str(call_id))
 
 
-def _tool_calls_text(calls: Sequence[dict], where: str) -> str:
-    body = json.dumps([_normalise_call(c, where) for c in calls], ensure_ascii=False)
-    return TOOL_CALLS_OPEN + body + TOOL_CALLS_CLOSE
+def _tool_calls_text(calls: Sequence[_ToolCall], with_ids: bool) -> str:
+    """The template's tool-call block: name and id spliced in as they are, the arguments' JSON as given."""
+    items = []
+    for c in calls:
+        item = '{"name": "' + c.name + '", "arguments": ' + c.arguments
+        if with_ids and c.id is not None:
+            item += ', "id": "' + c.id + '"'
+        items.append(item + "}")
+    return "\n" + TOOL_CALLS_OPEN + "[" + ", ".join(items) + "]" + TOOL_CALLS_CLOSE
 
 
-def _tools_block(tools: Sequence[dict]) -> str:
-    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return TOOLS_INTRO + "<available_tools>\n" + listing + "\n</available_tools>\n\n" + TOOLS_OUTRO
+def _tools_listing(tools: Sequence[dict]) -> str:
+    # str(tool), not JSON: the template writes each tool with jinja's |string, i.e. Python's str(dict).
+    listing = "".join(f"{tool}\n" for tool in tools)
+    return TOOLS_PREAMBLE + "<available_tools>\n" + listing + "</available_tools>"
 
 
-def _split_system(messages: Sequence[Message]) -> tuple[list[str], list[tuple[int, Message]]]:
-    """Leading system messages' texts and the remaining (index, message) pairs, validated."""
-    systems, rest = [], []
+def _check_roles(messages: Sequence[Message]) -> None:
+    """ValueError for an unknown role or a system message after a non-system one."""
+    seen_other = False
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise ValueError(f"message {i}: role must be one of {_ROLES}, got {m!r:.80}")
-        if m["role"] == "system":
-            if rest:
-                raise ValueError(f"message {i}: system messages must come before all others")
-            systems.append(_text_of(m, f"message {i}"))
-        else:
-            rest.append((i, m))
-    return systems, rest
+        if m["role"] != "system":
+            seen_other = True
+        elif seen_other:
+            raise ValueError(f"message {i}: system messages must come before all others")
 
 
 # ------------------------------------------------------------------------------------------ format
@@ -176,18 +183,31 @@ def _split_system(messages: Sequence[Message]) -> tuple[list[str], list[tuple[in
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """How conversations become documents; see the module docstring for the layouts."""
+    """How conversations become documents; see the module docstring for the layouts.
+
+    ``template``: a checkpoint's chat template, used for mode ``"apriel"`` in place of the built-in
+    renderer (the other modes are not Apriel-1.5's and refuse one). ``system_prompt`` and
+    ``add_reasoning_prefix`` are built-in options; a template decides both itself.
+    """
 
     mode: str = "apriel"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    # Apriel only: put "Here are my reasoning steps:\n" in the assistant header (a prompt, never a
-    # target) for both training and generation; False makes it the first target text of the response.
-    add_reasoning_prefix: bool = True
+    # Apriel only. False (the template's way): the generation prompt is "<|assistant|>\n" and the model
+    # writes "Here are my reasoning steps:\n" itself, so in training it is the first target text of a
+    # reply. True: the prefix is part of the assistant header, a prompt for both training and generation.
+    add_reasoning_prefix: bool = False
     image_cfg: ImageConfig = field(default_factory=ImageConfig)
+    template: ChatTemplate | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.template is not None:
+            if self.mode != "apriel":
+                raise ValueError(f"a chat template renders mode 'apriel' only; mode {self.mode!r} is built in")
+            if self.system_prompt != DEFAULT_SYSTEM_PROMPT or self.add_reasoning_prefix:
+                raise ValueError("system_prompt and add_reasoning_prefix are built-in options; the template "
+                                 "decides the system prompt and the generation prompt")
 
     # ---------------------------------------------------------------- apriel / think / nothink
 
@@ -197,89 +217,132 @@ class ChatFormat:
             header += REASONING_PREFIX
         return header
 
-    def _assistant_body(self, m: Message, where: str) -> str:
+    def _assistant_text(self, m: Message, where: str) -> str:
+        """An assistant turn's text before its tool calls (after the header)."""
         answer, reasoning, calls = _text_of(m, where), m.get("reasoning"), m.get("tool_calls") or []
         final = f"{BEGIN_FINAL}\n{answer}\n{END_FINAL}"
         if self.mode == "nothink":
-            body = NOTHINK + answer
-        elif self.mode == "think":
-            body = f"{THINK_OPEN}{reasoning or ''}{THINK_CLOSE}\n{final}"
-        else:
-            body = "" if self.add_reasoning_prefix else REASONING_PREFIX
-            if reasoning is not None:
-                body += reasoning + "\n"
-            # A pure tool-call turn needs no empty final-response block.
-            if answer or not calls or reasoning is not None:
-                body += final
-        if calls:
-            body += ("\n" if body else "") + _tool_calls_text(calls, where)
-        return body
+            return NOTHINK + answer
+        if self.mode == "think":
+            return f"{THINK_OPEN}{reasoning or ''}{THINK_CLOSE}\n{final}"
+        text = "" if self.add_reasoning_prefix else REASONING_PREFIX
+        if reasoning is not None:
+            text += reasoning + "\n"
+        # A pure tool-call turn needs no empty final-response block.
+        if answer or not calls or reasoning is not None:
+            text += final
+        return text
 
-    def _apriel_segments(self, messages, tools, add_generation_prompt) -> list[_Segment]:
-        systems, rest = _split_system(messages)
-        system = "\n\n".join(s for s in [self.system_prompt, *systems] if s)
-        if tools:
-            system = (system + "\n\n" if system else "") + _tools_block(tools)
-        segs: list[_Segment] = [_Special("<s>", False)]
-        if system:
-            segs.append(_Text(f"<|system|>\n{system}\n{END_TAG}\n", False))
-        for i, m in rest:
+    def _system_block(self, text: str, tools) -> str:
+        return f"<|system|>\n{self.system_prompt}{text}" + (f"\n{_tools_listing(tools)}" if tools else "") + \
+            f"\n{END_TAG}\n"
+
+    def _apriel_segments(self, messages, tools, add_generation_prompt) -> list[Segment]:
+        _check_roles(messages)
+        segs: list[Segment] = [Special("<s>", False)]
+        has_system = bool(messages) and messages[0]["role"] == "system"
+        if tools and not has_system:
+            segs.append(Text(f"<|system|>\n{self.system_prompt}{_tools_listing(tools)}\n{TOOL_CALL_INSTRUCTIONS}"
+                             f"\n{END_TAG}\n", False))
+        if not has_system and self.system_prompt:
+            segs.append(Text(f"<|system|>\n{self.system_prompt}\n{END_TAG}\n", False))
+        for i, m in enumerate(messages):
+            where = f"message {i}"
+            if m["role"] == "system":
+                segs.append(Text(self._system_block(_text_of(m, where), tools), False))
+            elif m["role"] == "user":
+                segs.append(Text("<|user|>\n", False))
+                segs += [p if isinstance(p, _Image) else Text(p, False) for p in _parts(m, where, True)]
+                segs.append(Text(f"\n{END_TAG}\n", False))
+            elif m["role"] == "tool":
+                segs.append(Text(f"<|tool_result|>\n{_text_of(m, where)}\n{END_TAG}\n", False))
+            else:
+                calls = [_tool_call(c, where) for c in m.get("tool_calls") or []]
+                body = self._assistant_text(m, where)
+                if calls:
+                    body += _tool_calls_text(calls, with_ids=i < len(messages) - 1)
+                segs.append(Text(self._assistant_header(), False))
+                segs.append(Text(body + f"\n{END_TAG}\n", True))
+                segs.append(Special("</s>", True))
+        if add_generation_prompt and messages and messages[-1]["role"] != "assistant":
+            tag = {"think": THINK_OPEN, "nothink": NOTHINK}.get(self.mode, "")
+            segs.append(Text(self._assistant_header() + tag, False))
+        return segs
+
+    def _template_segments(self, messages, tools, add_generation_prompt) -> list[Segment]:
+        """The conversation rendered by ``self.template``, handed the messages in the template's vocabulary:
+        an assistant's content is its text as the built-in renderer writes it (reasoning prefix, thoughts,
+        final-response block), its tool calls in OpenAI's form with JSON-string arguments, images bare."""
+        _check_roles(messages)
+        converted, images = [], []
+        for i, m in enumerate(messages):
             where = f"message {i}"
             if m["role"] == "user":
-                segs.append(_Text("<|user|>\n", False))
-                segs += [p if isinstance(p, _Image) else _Text(p, False) for p in _parts(m, where, True)]
-                segs.append(_Text(f"\n{END_TAG}\n", False))
-            elif m["role"] == "tool":
-                segs.append(_Text(f"<|tool_result|>\n{_text_of(m, where)}\n{END_TAG}\n", False))
+                content = []
+                for p in _parts(m, where, True):
+                    if isinstance(p, _Image):
+                        images.append(p)
+                        content.append({"type": "image"})
+                    else:
+                        content.append({"type": "text", "text": p})
+                converted.append({"role": "user", "content": content})
+            elif m["role"] == "assistant":
+                message = {"role": "assistant", "content": self._assistant_text(m, where)}
+                calls = [_tool_call(c, where) for c in m.get("tool_calls") or []]
+                if calls:
+                    message["tool_calls"] = [
+                        {"type": "function", "function": {"name": c.name, "arguments": c.arguments},
+                         **({} if c.id is None else {"id": c.id})} for c in calls]
+                converted.append(message)
             else:
-                segs.append(_Text(self._assistant_header(), False))
-                segs.append(_Text(self._assistant_body(m, where) + f"\n{END_TAG}\n", True))
-                segs.append(_Special("</s>", True))
-        if add_generation_prompt:
-            tag = {"think": THINK_OPEN, "nothink": NOTHINK}.get(self.mode, "")
-            segs.append(_Text(self._assistant_header() + tag, False))
-        return segs
+                converted.append({"role": m["role"], "content": _text_of(m, where)})
+        return self.template.segments(converted, images, tools=list(tools) if tools else None,
+                                      add_generation_prompt=add_generation_prompt)
 
     # ---------------------------------------------------------------------------- mistral
 
-    def _mistral_segments(self, messages, tools) -> list[_Segment]:
+    def _mistral_segments(self, messages, tools) -> list[Segment]:
         if tools:
             raise ValueError("mode 'mistral_instruct' does not render tools")
-        systems, rest = _split_system(messages)
+        _check_roles(messages)
+        systems = [_text_of(m, f"message {i}") for i, m in enumerate(messages) if m["role"] == "system"]
+        rest = [(i, m) for i, m in enumerate(messages) if m["role"] != "system"]
         system = "\n\n".join(systems)
         last_user = max((i for i, m in rest if m["role"] == "user"), default=-1)
-        segs: list[_Segment] = [_Special("<s>", False)]
+        segs: list[Segment] = [Special("<s>", False)]
         for i, m in rest:
             where = f"message {i}"
             if m["role"] == "tool" or m.get("tool_calls") or m.get("reasoning") is not None:
                 raise ValueError(f"{where}: mode 'mistral_instruct' supports no tools or reasoning")
             if m["role"] == "assistant":
-                segs.append(_Text(_text_of(m, where).rstrip(" "), True, boundary=True))
-                segs.append(_Special("</s>", True))
+                segs.append(Text(_text_of(m, where).rstrip(" "), True, boundary=True))
+                segs.append(Special("</s>", True))
                 continue
             prefix = system + "\n\n" if (i == last_user and system) else ""
-            segs.append(_Special("[INST]", False))
+            segs.append(Special("[INST]", False))
             if isinstance(m.get("content"), str):  # one string: encoded in one piece with the system text
-                segs.append(_Text(prefix + m["content"], False, boundary=True))
+                segs.append(Text(prefix + m["content"], False, boundary=True))
             else:
                 if prefix:
-                    segs.append(_Text(prefix, False, boundary=True))
+                    segs.append(Text(prefix, False, boundary=True))
                 segs += _mistral_chunks(_parts(m, where, True))
-            segs.append(_Special("[/INST]", False))
+            segs.append(Special("[/INST]", False))
         return segs
 
     # ------------------------------------------------------------------------------ public
 
-    def segments(self, messages: Sequence[Message], *, tools=None, add_generation_prompt=False) -> list[_Segment]:
+    def segments(self, messages: Sequence[Message], *, tools=None, add_generation_prompt=False) -> list[Segment]:
         if self.mode == "mistral_instruct":
             return self._mistral_segments(messages, tools)  # its prompt already ends at [/INST]
+        if self.template is not None:
+            return self._template_segments(messages, tools, add_generation_prompt)
         return self._apriel_segments(messages, tools, add_generation_prompt)
 
     def render_text(self, messages: Sequence[Message], *, tools=None, add_generation_prompt=False) -> str:
         """The conversation as one string, one ``[IMG]`` per image (for reading, not for tokenizing)."""
         out = []
         for s in self.segments(messages, tools=tools, add_generation_prompt=add_generation_prompt):
-            out.append(s.text if isinstance(s, _Text) else s.name if isinstance(s, _Special) else "[IMG]")
+            out.append(s.text if isinstance(s, Text) else s.name if isinstance(s, Special) else "[IMG]")
         return "".join(out)
 
     def encode(self, messages: Sequence[Message], tokenizer: Tokenizer, *, tools=None, loss: str = "responses",
@@ -293,11 +356,13 @@ class ChatFormat:
         """
         if loss not in ("responses", "all"):
             raise ValueError(f"loss must be 'responses' or 'all', got {loss!r}")
+        if self.template is not None:
+            self.template.check_tokenizer(tokenizer)
         tokens: list[int] = []
         mask: list[float] = []
         images: list[ImagePatches] = []
         p = self.image_cfg.patch_size
-        for seg in _merge(self.segments(messages, tools=tools, add_generation_prompt=add_generation_prompt)):
+        for seg in merge_texts(self.segments(messages, tools=tools, add_generation_prompt=add_generation_prompt)):
             if isinstance(seg, _Image):
                 pixels = _preprocess(seg, self.image_cfg)
                 patches, positions = patchify(pixels, p)
@@ -307,7 +372,7 @@ class ChatFormat:
                 tokens += ids
                 mask += [0.0] * len(ids)
                 continue
-            ids = tokenizer.encode(seg.text) if isinstance(seg, _Text) else [tokenizer.special_id(seg.name)]
+            ids = tokenizer.encode(seg.text) if isinstance(seg, Text) else [tokenizer.special_id(seg.name)]
             tokens += ids
             mask += [1.0 if (seg.target or loss == "all") else 0.0] * len(ids)
         if mask:
@@ -315,7 +380,7 @@ class ChatFormat:
         return Document(np.asarray(tokens, np.int32), np.asarray(mask, np.float32), images, source)
 
 
-def _mistral_chunks(parts: list) -> list[_Segment]:
+def _mistral_chunks(parts: list) -> list[Segment]:
     """mistral-common's normalisation of a user turn: adjacent texts joined by blank lines, and a
     turn of only texts followed by one image gets the image first."""
     merged: list = []
@@ -326,19 +391,7 @@ def _mistral_chunks(parts: list) -> list[_Segment]:
             merged.append(p)
     if len(merged) >= 2 and isinstance(merged[-1], _Image) and all(isinstance(p, str) for p in merged[:-1]):
         merged = [merged[-1], *merged[:-1]]
-    return [p if isinstance(p, _Image) else _Text(p, False, boundary=True) for p in merged]
-
-
-def _merge(segs: list[_Segment]) -> list[_Segment]:
-    """Adjacent texts with the same loss role become one string (one tokenization)."""
-    out: list[_Segment] = []
-    for s in segs:
-        prev = out[-1] if out else None
-        if (isinstance(s, _Text) and isinstance(prev, _Text) and not s.boundary and prev.target == s.target):
-            out[-1] = _Text(prev.text + s.text, s.target, prev.boundary)
-        else:
-            out.append(s)
-    return out
+    return [p if isinstance(p, _Image) else Text(p, False, boundary=True) for p in merged]
 
 
 def _load(seg: _Image):

@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from .batch import Batch, BatchAssembler
 from .images import patchify
+from .types import ImagePatches
 
 __all__ = ["from_hf_inputs"]
 
@@ -75,8 +77,8 @@ def from_hf_inputs(
     patch_budget: int | None = None,
     seq_len: int | None = None,
     pad_id: int = 0,
-) -> dict[str, np.ndarray]:
-    """Build the batch-contract dict from HF processor outputs.
+) -> Batch:
+    """Build a :class:`~.batch.Batch` from HF processor outputs (through the one batch assembler).
 
     Args:
       input_ids: [B, S] (or [S]) token ids.
@@ -91,10 +93,10 @@ def from_hf_inputs(
       pad_id: token written into padding positions and the last target.
 
     Returns:
-      dict with ``tokens, targets, loss_mask, segment_ids, positions, patches,
-      patch_positions, patch_segment_ids, patch_token_index`` (see the batch
-      contract). Raises ValueError when images and ``[IMG]`` tokens do not line
-      up row by row.
+      the batch with all its fields, labels included: ``targets`` is the next
+      token of the row, counted in ``loss_mask`` when both tokens share a
+      non-padding segment and the target is not ``[IMG]``. Raises ValueError
+      when images and ``[IMG]`` tokens do not line up row by row.
     """
     ids = _to_numpy(input_ids)
     if ids.ndim == 1:
@@ -126,7 +128,7 @@ def from_hf_inputs(
     # ---- images -> rows -------------------------------------------------
     p = patch_size
     img_tokens_per_row = (ids == image_token_id).sum(axis=1)
-    row_images: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(batch)]
+    row_images: list[list[ImagePatches]] = [[] for _ in range(batch)]
 
     if pixel_values is None:
         if image_sizes is not None:
@@ -176,58 +178,34 @@ def from_hf_inputs(
             for i in range(first, nxt):
                 h, w = sizes[i]
                 chw = np.asarray(images[i][:, :h, :w], dtype=np.float32)
-                row_images[b].append(patchify(np.transpose(chw, (1, 2, 0)), p))
+                row_images[b].append(ImagePatches(*patchify(np.transpose(chw, (1, 2, 0)), p)))
 
-    # ---- text -------------------------------------------------------------
-    tokens = np.full((batch, out_len), pad_id, dtype=np.int32)
-    tokens[:, :src_len] = ids
-    segment_ids = np.zeros((batch, out_len), dtype=np.int32)
-    segment_ids[:, :src_len] = mask
-    # HF generate derives positions the same way (cumsum of the mask), which is
-    # what makes left padding transparent to RoPE.
-    positions = np.zeros((batch, out_len), dtype=np.int32)
-    positions[:, :src_len] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-
-    targets = np.full((batch, out_len), pad_id, dtype=np.int32)
-    targets[:, :-1] = tokens[:, 1:]
-    loss_mask = np.zeros((batch, out_len), dtype=np.float32)
-    same_doc = (segment_ids[:, :-1] != 0) & (segment_ids[:, :-1] == segment_ids[:, 1:])
-    loss_mask[:, :-1] = (same_doc & (targets[:, :-1] != image_token_id)).astype(np.float32)
-
-    # ---- patches ----------------------------------------------------------
-    per_row = [sum(len(pos) for _, pos in row) for row in row_images]
+    # ---- patch budget ----------------------------------------------------
+    per_row = [sum(image.num_patches for image in row) for row in row_images]
     needed = max(per_row, default=0)
     budget = needed if patch_budget is None else int(patch_budget)
     if budget < needed:
         worst = int(np.argmax(per_row))
         raise ValueError(f"patch_budget={budget} is too small: row {worst} has {needed} patches")
+    assembler = BatchAssembler(batch, out_len, budget, p * p * 3, pad_id=pad_id)
 
-    dim = p * p * 3
-    patches = np.zeros((batch, budget, dim), dtype=np.float32)
-    patch_positions = np.zeros((batch, budget, 2), dtype=np.int32)
-    patch_segment_ids = np.zeros((batch, budget), dtype=np.int32)
-    patch_token_index = np.full((batch, budget), out_len, dtype=np.int32)
+    # ---- text -------------------------------------------------------------
+    # Whole rows as HF lays them out (the ids under padding included), so written column-wise here
+    # rather than document by document.
+    arrays = assembler.arrays
+    arrays["tokens"][:, :src_len] = ids
+    arrays["segment_ids"][:, :src_len] = mask
+    # HF generate derives positions the same way (cumsum of the mask), which is
+    # what makes left padding transparent to RoPE.
+    arrays["positions"][:, :src_len] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    arrays["targets"][:, :-1] = arrays["tokens"][:, 1:]
+    segment_ids = arrays["segment_ids"]
+    same_doc = (segment_ids[:, :-1] != 0) & (segment_ids[:, :-1] == segment_ids[:, 1:])
+    arrays["loss_mask"][:, :-1] = same_doc & (arrays["targets"][:, :-1] != image_token_id)
+
+    # ---- patches ----------------------------------------------------------
+    # Counts match exactly (checked above), so the k-th patch of the row
+    # goes to the k-th [IMG] token, matching HF's masked_scatter order.
     for b, row in enumerate(row_images):
-        if not row:
-            continue
-        n = per_row[b]
-        patches[b, :n] = np.concatenate([pt for pt, _ in row])
-        patch_positions[b, :n] = np.concatenate([pos for _, pos in row])
-        patch_segment_ids[b, :n] = np.concatenate(
-            [np.full(len(pos), k + 1, dtype=np.int32) for k, (_, pos) in enumerate(row)]
-        )
-        # Counts match exactly (checked above), so the k-th patch of the row
-        # goes to the k-th [IMG] token, matching HF's masked_scatter order.
-        patch_token_index[b, :n] = np.flatnonzero(ids[b] == image_token_id)
-
-    return {
-        "tokens": tokens,
-        "targets": targets,
-        "loss_mask": loss_mask,
-        "segment_ids": segment_ids,
-        "positions": positions,
-        "patches": patches,
-        "patch_positions": patch_positions,
-        "patch_segment_ids": patch_segment_ids,
-        "patch_token_index": patch_token_index,
-    }
+        assembler.add_images(b, row, np.flatnonzero(ids[b] == image_token_id))
+    return assembler.batch()

@@ -1,7 +1,11 @@
-"""Pixtral image preprocessing: decode, convert to RGB, resize, normalise, patchify.
+"""Pixtral image preprocessing: decode, turn upright, convert to RGB, resize, normalise, patchify.
 
-The numerics follow transformers' PIL-backend ``PixtralImageProcessor`` so that
-pixel values agree with a reference HF pipeline:
+The numerics follow transformers' ``load_image`` + PIL-backend ``PixtralImageProcessor`` so
+that pixel values agree with a reference HF pipeline:
+
+* every PIL image, decoded here or handed in, is first turned as its EXIF
+  orientation tag says (a phone photo stored sideways comes out upright), as
+  transformers' ``load_image`` does with ``ImageOps.exif_transpose``;
 
 * the resize is done by PIL on the **uint8** RGB image (not on floats), so any
   rounding PIL does to uint8 is part of the result;
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 __all__ = [
     "ImageConfig",
@@ -138,7 +142,16 @@ def _wide_to_8bit(arr: np.ndarray, mode: str) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` as it is meant to be seen: its EXIF orientation (2-8) applied and the tag removed, so
+    applying it again changes nothing. Images without the tag are returned as they are (no copy)."""
+    if img.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def _pil_to_rgb(img: Image.Image) -> Image.Image:
+    img = _upright(img)
     w, h = img.size
     if w == 0 or h == 0:
         raise ImageError(f"image has zero size ({h}x{w})")
@@ -199,7 +212,8 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
 
 def to_rgb(image: "ImageLike") -> Image.Image:
     """A PIL RGB image from a PIL image of any mode or an HWC/HW array, with the same conversions and
-    checks (alpha over white, 16-bit scaling, zero size) that :func:`preprocess_image` applies."""
+    checks (EXIF orientation, alpha over white, 16-bit scaling, zero size) that :func:`preprocess_image`
+    applies."""
     return _array_to_pil(image) if isinstance(image, np.ndarray) else _pil_to_rgb(image)
 
 
@@ -213,8 +227,9 @@ def preprocess_image(image: ImageLike, cfg: ImageConfig = ImageConfig()) -> np.n
     """Decoded image -> float32 HWC normalised pixels, H and W multiples of ``cfg.patch_size``.
 
     Accepts a PIL image of any mode or an HWC / HW numpy array (uint8, bool,
-    uint16, other ints in [0, 255], or floats in [0, 1]). Transparency is
-    composited over white before dropping alpha.
+    uint16, other ints in [0, 255], or floats in [0, 1]). A PIL image is first
+    turned as its EXIF orientation tag says. Transparency is composited over
+    white before dropping alpha.
     """
     if isinstance(image, Image.Image):
         pil = image
@@ -290,7 +305,8 @@ def load_image(path_or_bytes: Union[str, os.PathLike, bytes, bytearray, memoryvi
     """Decode an image file (a local path, a ``gs://`` URL) or bytes fully, raising ``ImageError``
     (naming the source) on any failure.
 
-    The whole file is decoded here (``Image.load``) so corrupt or truncated
+    The image comes out upright: its EXIF orientation tag is applied. The whole
+    file is decoded here (``Image.load``) so corrupt or truncated
     data fails at load time rather than later inside a worker. Truncated files
     raise as long as ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False (PIL's
     default); if other code flips that global, PIL pads truncated images with
@@ -313,6 +329,7 @@ def load_image(path_or_bytes: Union[str, os.PathLike, bytes, bytearray, memoryvi
         # handle, so callers need no context manager.
         img = Image.open(io.BytesIO(data))
         img.load()
+        img = _upright(img)
     except Image.DecompressionBombError as err:
         raise ImageError(f"image {name!r} is too large to decode safely: {err}") from err
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...

@@ -12,7 +12,7 @@ Three pieces, usable separately:
   next-fit. Memory is bounded by the window and the output depends only on the input order
   (deterministic). Token efficiency on uniform random lengths in [1, S] (tests/test_packing.py):
   next-fit 0.75, window 4: 0.88, 8: 0.91, 16: 0.93, 32: 0.94.
-* :func:`rows_to_batch` turns rows into the batch-contract dict (see README "The batch contract").
+* :func:`rows_to_batch` turns rows into a :class:`~.batch.Batch` through the one batch assembler.
 
 Everything here is numpy-only so it runs inside grain worker processes.
 """
@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from .batch import Batch, BatchAssembler
 from .types import Document
 
 __all__ = ["PackingConfig", "PackingStats", "Row", "Packer", "image_blocks", "split_document",
@@ -247,43 +248,22 @@ def pack_documents(docs, cfg: PackingConfig, open_rows: int = 8) -> tuple[list[R
     return rows, packer.stats
 
 
-def rows_to_batch(rows: list[Row], cfg: PackingConfig) -> dict[str, np.ndarray]:
-    """The batch-contract dict for ``rows`` ([len(rows), seq_len] tokens, [len(rows), patch_budget] patches)."""
-    B, S, P = len(rows), cfg.seq_len, cfg.patch_budget
-    out = {
-        "tokens": np.full((B, S), cfg.pad_id, np.int32),
-        "targets": np.full((B, S), cfg.pad_id, np.int32),
-        "loss_mask": np.zeros((B, S), np.float32),
-        "segment_ids": np.zeros((B, S), np.int32),
-        "positions": np.zeros((B, S), np.int32),
-        "patches": np.zeros((B, P, cfg.patch_dim), np.float32),
-        "patch_positions": np.zeros((B, P, 2), np.int32),
-        "patch_segment_ids": np.zeros((B, P), np.int32),
-        "patch_token_index": np.full((B, P), S, np.int32),
-    }
+def rows_to_batch(rows: list[Row], cfg: PackingConfig) -> Batch:
+    """The :class:`Batch` for ``rows`` ([len(rows), seq_len] tokens, [len(rows), patch_budget] patches).
+
+    Each piece of a row is its own segment (1, 2, ...), placed after the previous one.
+    """
+    S, P = cfg.seq_len, cfg.patch_budget
+    assembler = BatchAssembler(len(rows), S, P, cfg.patch_dim, pad_id=cfg.pad_id)
     for b, row in enumerate(rows):
         if row.num_tokens > S or row.num_patches > P:
             raise ValueError(f"row {b} holds {row.num_tokens} tokens / {row.num_patches} patches; "
                              f"limits are {S} / {P}")
-        t = p = 0  # write offsets into tokens and patches
-        image_id = 0
+        t = 0  # where the next piece starts
         for seg, piece in enumerate(row.pieces, start=1):
-            n = len(piece)
-            out["tokens"][b, t:t + n] = piece.tokens
-            # Next-token targets stay inside the piece; its last token predicts nothing.
-            out["targets"][b, t:t + n - 1] = piece.tokens[1:]
-            out["loss_mask"][b, t:t + n - 1] = piece.loss_mask[1:]
-            out["segment_ids"][b, t:t + n] = seg
-            out["positions"][b, t:t + n] = np.arange(n, dtype=np.int32)
+            assembler.add_document(b, t, piece.tokens, seg, piece.loss_mask)
             if piece.images:
                 slots = np.flatnonzero(piece.tokens == cfg.image_token_id) + t
-                m = len(slots)
-                out["patches"][b, p:p + m] = np.concatenate([im.patches for im in piece.images])
-                out["patch_positions"][b, p:p + m] = np.concatenate([im.positions for im in piece.images])
-                out["patch_segment_ids"][b, p:p + m] = np.concatenate(
-                    [np.full(im.num_patches, image_id + k + 1, np.int32) for k, im in enumerate(piece.images)])
-                out["patch_token_index"][b, p:p + m] = slots
-                image_id += len(piece.images)
-                p += m
-            t += n
-    return out
+                assembler.add_images(b, piece.images, slots)
+            t += len(piece)
+    return assembler.batch()

@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from .chat import ChatFormat
+from .chat_template import ChatTemplate, ChatTemplateError
 from .errors import InvalidRecord
 from .image_refs import load_part_image
 from .images import ImageConfig, ImageError, patch_grid, resize_like_preprocessing, resized_size, to_rgb
@@ -101,7 +102,10 @@ class RecordToDocument:
         if patch_budget is not None and patch_budget < 1:
             raise ValueError(f"patch_budget must be >= 1 (or None), got {patch_budget}")
         self.tokenizer_path = resolve_tokenizer_path(tokenizer)
-        self.chat = ChatFormat(mode=mode, image_cfg=image_cfg)  # validates mode
+        # A tokenizer directory that carries a chat template (a checkpoint's) renders with it, as the released
+        # model was trained and is prompted; the built-in Apriel renderer gives the same text otherwise.
+        template = ChatTemplate.from_checkpoint(self.tokenizer_path) if mode == "apriel" else None
+        self.chat = ChatFormat(mode=mode, image_cfg=image_cfg, template=template)  # validates mode
         self.loss, self.patch_budget = loss, patch_budget
         self.oversize_images, self.on_invalid = oversize_images, check_on_invalid(on_invalid)
         self._tokenizer: Tokenizer | None = None
@@ -137,6 +141,8 @@ class RecordToDocument:
             return self.chat.encode(messages, self.tokenizer, tools=record.get("tools") or None, loss=self.loss)
         except ImageError as err:  # an image that decoded but is unusable (e.g. a zero-size array)
             raise InvalidRecord(_where(record), "bad_image", str(err)) from err
+        except ChatTemplateError as err:  # a conversation the checkpoint's template refuses
+            raise InvalidRecord(_where(record), "bad_schema", str(err)) from err
 
     def _text(self, record: dict) -> Document:
         tok = self.tokenizer

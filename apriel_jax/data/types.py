@@ -18,12 +18,17 @@ Conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 
-@dataclass
-class ImagePatches:
+class ImagePatches(NamedTuple):
+    """One image as the batch takes it; the one image type of the data pipeline.
+
+    A tuple so that ``patches, positions = image`` works where a pair is natural (``encode_prompt``).
+    """
+
     patches: np.ndarray  # [N, p*p*C] float32, normalised, (row, col, channel) flattened
     positions: np.ndarray  # [N, 2] int32 (row, col) in the image's patch grid
 

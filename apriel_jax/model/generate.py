@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from apriel_jax.data.batch_check import check_batch_in_debug
 from apriel_jax.model.decoder import KVCache
 
 
@@ -105,9 +106,10 @@ def generate(model, batch: dict, cfg: SamplingConfig = SamplingConfig(), *, rng:
 
     ``batch`` follows the batch contract (``tokens``, ``positions``, ``segment_ids`` and optionally the
     ``patch*`` fields; ``targets``/``loss_mask`` are ignored). Each row must hold one prompt (segment
-    ids 0 or 1). Returns (tokens [B, max_new_tokens] with ``pad_id`` after a row's stop token,
-    finished [B] bool).
+    ids 0 or 1). Under ``APRIEL_DEBUG`` the batch is checked against the contract first. Returns
+    (tokens [B, max_new_tokens] with ``pad_id`` after a row's stop token, finished [B] bool).
     """
+    check_batch_in_debug(batch, labels=False)
     graphdef, state = nnx.split(model)
     keep = ("tokens", "positions", "segment_ids", "patches", "patch_positions", "patch_segment_ids",
             "patch_token_index")

@@ -6,8 +6,8 @@
 The model keeps every architectural feature of Apriel (Pixtral-style vision tower with 2-D RoPE, GELU
 projector, GQA decoder with decoupled head_dim) at toy width. Data ships with the package or is generated:
 templated text with a held-out split, the shipped captions and SFT chats, synthetic visual tasks
-(counting, matching, detection, reconstruction) and generated reasoning chats. The tokenizer is a small
-byte-level BPE trained on that data (apriel_jax/data/demo_data/tokenizer.json; the production config uses
+(counting, matching, detection, colour and shape naming) and generated reasoning chats. The tokenizer is a
+small byte-level BPE trained on that data (apriel_jax/data/demo_data/tokenizer.json; the production config uses
 Pixtral's Tekken tokenizer).
 
 Stages (the paper's, scaled down): base (stands in for the pretrained Pixtral-12B: a random model
@@ -31,8 +31,11 @@ TOKENIZER = str(DEMO / "tokenizer.json")
 # Generated sources: training draws from seed `data.seed`, evaluation from `eval.seed` (disjoint samples).
 ORIGINAL_TEXT = dict(topics={"arithmetic": 1.0, "scenes": 1.0})  # the "pretraining" distribution (replayed)
 NEW_TEXT = dict(topics={"procedures": 1.0, "arithmetic": 0.5})
-VISUAL_TASKS = dict(image_size=64, tasks={"counting": 2.0, "detection": 1.0, "matching": 1.0})
-COUNTING = dict(image_size=64, tasks={"counting": 3.0, "detection": 1.0})
+VISUAL_TASKS = dict(image_size=64, tasks={"counting": 2.0, "detection": 1.0, "matching": 1.0, "color": 1.0,
+                                           "shape": 1.0})
+# CPT-2's tasks are the ones its summary scores (apriel_jax/train/task_eval.py), at the easiest setting: 1-4
+# objects to count; 4 colours and 3 shapes to name, drawn uniformly so that no name is a safe guess.
+PROBES = dict(image_size=64, difficulty=0.0, tasks={"counting": 1.0, "color": 1.0, "shape": 1.0})
 
 
 def demo_model():
@@ -102,12 +105,15 @@ def get_config():
     s.finalize.update(kind="average", num_checkpoints=3)
     cfg.stages.cpt1 = s
 
+    # mistral_instruct has no system prompt: a question is ~50 tokens instead of ~200, so a row packs ~6
+    # of them; at 1e-3, or with the nothink format, the model did not yet answer every task in its format.
     s = _common(stage(trainable=("projector", "decoder", "embeddings")), seq_len=384, patch_budget=128,
-                lr=1e-3, steps=60, loss="responses", chat_format="nothink", eval_every=30)
+                lr=3e-3, steps=60, loss="responses", chat_format="mistral_instruct")
     s.description = "CPT stage 2: synthetic visual tasks, vision encoder frozen, loss on responses"
-    s.train.data.sources = [source("visual_tasks", "synthetic", weight=1.0, **COUNTING)]
-    s.train.eval.sources = [source("tasks", "synthetic", weight=1.0, **COUNTING)]
-    s.train.eval.counting_samples = 48
+    s.train.data.sources = [source("visual_tasks", "synthetic", weight=1.0, **PROBES)]
+    s.train.eval.sources = [source("tasks", "synthetic", weight=1.0, **PROBES)]
+    # 2 x 48 questions per task (real and blank images) cost ~10 s per evaluation: only at the start and end
+    s.train.eval.update(tasks=list(PROBES["tasks"]), task_samples=48)
     cfg.stages.cpt2 = s
 
     sft_eval = [source("reasoning_chats", "synthetic_chat", weight=1.0)]
@@ -148,7 +154,7 @@ def get_config():
 def shrink_to_smoke_size(cfg, *, averaged_save_every: int = 1):
     """Cut every training stage of a pipeline config to a few steps, in place (tests, the notebooks' smoke
     mode): 2 steps, or for an averaged stage exactly its ``num_checkpoints`` checkpoints,
-    ``averaged_save_every`` steps apart; one held-out batch at the end; 4 counting questions."""
+    ``averaged_save_every`` steps apart; one held-out batch at the end; 4 questions per scored task."""
     for name in cfg.order:
         s = cfg.stages[name]
         if s.kind != "train":
@@ -160,6 +166,6 @@ def shrink_to_smoke_size(cfg, *, averaged_save_every: int = 1):
             s.train.steps = 2
             s.train.checkpoint.save_every = s.train.steps
         s.train.eval.update(every=s.train.steps, batches=1)
-        if s.train.eval.counting_samples:
-            s.train.eval.counting_samples = 4
+        if s.train.eval.task_samples:
+            s.train.eval.task_samples = 4
     return cfg

@@ -127,20 +127,23 @@ def _total(model) -> int:
 
 
 def summary_table(summaries: list[dict]) -> str:
-    rows = []
+    """One row per stage; then, if any stage scored visual tasks, one row per (stage, task) with its held-out
+    accuracy beside the majority-answer baseline and the blind control (the same questions, blank images)."""
+    rows, task_rows = [], []
     for s in summaries:
-        counting = ""
-        if s.get("counting_accuracy_end") is not None:
-            counting = f"counting {_fmt(s.get('counting_accuracy_start'), 2)} → {_fmt(s['counting_accuracy_end'], 2)}"
-            if s.get("counting_majority_baseline") is not None:
-                counting += f" (majority {_fmt(s['counting_majority_baseline'], 2)})"
         evals = "-" if s.get("eval_loss_end") is None else (
             f"{_fmt(s.get('eval_loss_start'))} → {_fmt(s['eval_loss_end'])}")
         loss = "-" if s.get("loss_end") is None else f"{_fmt(s.get('loss_start'))} → {_fmt(s['loss_end'])}"
         rows.append([s["stage"], _fmt_count(s.get("trainable_params")), _fmt_count(s.get("tokens")),
-                     str(s.get("steps", 0)), loss, evals, counting or "-", f"{s.get('wall_s', 0):.0f}s"])
-    return _table(["stage", "trainable", "tokens", "steps", "train loss", "held-out loss", "task metric",
-                   "wall"], rows)
+                     str(s.get("steps", 0)), loss, evals, f"{s.get('wall_s', 0):.0f}s"])
+        for task, t in (s.get("tasks") or {}).items():
+            task_rows.append([s["stage"], task, f"{_fmt(t['accuracy_start'], 2)} → {_fmt(t['accuracy_end'], 2)}",
+                              _fmt(t["majority_baseline"], 2), _fmt(t["blind_accuracy"], 2)])
+    table = _table(["stage", "trainable", "tokens", "steps", "train loss", "held-out loss", "wall"], rows)
+    if task_rows:
+        table += "\n\n" + _table(["stage", "task", "held-out accuracy", "majority answer", "blind (blank images)"],
+                                  task_rows)
+    return table
 
 
 def plot_pipeline(cfg, out) -> storage.Location | None:
@@ -164,17 +167,19 @@ def plot_pipeline(cfg, out) -> storage.Location | None:
         entries = read_jsonl(path)
         train = [(e["step"], e["loss"]) for e in entries if e["split"] == "train" and e.get("loss") is not None]
         evals = [(e["step"], e["loss"]) for e in entries if e["split"] == "eval" and e.get("loss") is not None]
-        task = [(e["step"], e["counting_accuracy"]) for e in entries
-                if e["split"] == "eval" and e.get("counting_accuracy") is not None]
+        scored = sorted({k for e in entries if e["split"] == "eval" for k in e
+                         if k.endswith("_accuracy") and not k.endswith("_blind_accuracy")})
+        tasks = {k.removesuffix("_accuracy"): [(e["step"], e[k]) for e in entries
+                                               if e["split"] == "eval" and e.get(k) is not None] for k in scored}
         if not train:
             continue
         line = ax_loss.plot([offset + s for s, _ in train], [v for _, v in train], label=f"{name} train")[0]
         if evals:
             ax_loss.plot([offset + s for s, _ in evals], [v for _, v in evals], "o--", color=line.get_color(),
                          markersize=4, label=f"{name} held-out")
-        if task:
-            ax_task.plot([offset + s for s, _ in task], [v for _, v in task], "s-", color=line.get_color(),
-                         label=f"{name} counting accuracy")
+        for (task, points), marker in zip(tasks.items(), "so^vD"):
+            ax_task.plot([offset + s for s, _ in points], [v for _, v in points], marker + "-",
+                         color=line.get_color(), label=f"{name} {task} accuracy")
         ax_loss.axvline(offset, color="grey", alpha=0.3)
         ax_loss.text(offset, 1.0, f" {name}", transform=ax_loss.get_xaxis_transform(), va="top", fontsize=8)
         offset += max(s for s, _ in train)

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from apriel_jax.data.batch_check import check_batch_in_debug
 from apriel_jax.model.factory import abstract_model, state_shardings
 from apriel_jax.parallel.mesh import make_mesh
 from apriel_jax.parallel.rules import DEFAULT_RULES, logical_to_spec
@@ -107,7 +108,8 @@ def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = Non
 
     ``batch`` follows the batch contract (README) with a global batch of B rows, split into
     ``grad_accum_steps`` micro-batches; every micro-batch is sharded along ("data", "fsdp"), so B must be
-    a multiple of ``grad_accum_steps * data * fsdp``. Metrics (fp32 scalars): loss (mean token
+    a multiple of ``grad_accum_steps * data * fsdp``; under ``APRIEL_DEBUG`` it is checked against the
+    contract before the jitted step sees it. Metrics (fp32 scalars): loss (mean token
     cross-entropy), z_loss, grad_norm (before clipping), lr, tokens (counted tokens), skipped (1 when the
     loss, the gradient norm or the update was non-finite and the update was dropped). With ``donate`` the input
     state's buffers are reused for the output and must not be read afterwards.
@@ -173,6 +175,7 @@ def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = Non
                      donate_argnums=(0,) if donate else ())
 
     def step(state: TrainState, batch: dict):
+        check_batch_in_debug(batch, labels=True)
         rows = {k: v.shape[0] for k, v in batch.items()}
         if len(set(rows.values())) != 1:
             raise ValueError(f"batch fields disagree on the number of rows: {rows}")

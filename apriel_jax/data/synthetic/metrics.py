@@ -1,4 +1,4 @@
-"""Scoring model outputs on the held-out synthetic sets: counting, detection, matching.
+"""Scoring model outputs on the held-out synthetic sets: counting, detection, matching, colour/shape names.
 
 Parsers are lenient about phrasing (a thinking model writes "The answer is three." as often as
 "3") but look only at the final answer: text after the last ``[BEGIN FINAL RESPONSE]`` marker
@@ -20,9 +20,11 @@ __all__ = [
     "counting_accuracy",
     "detection_score",
     "final_answer_text",
+    "label_accuracy",
     "parse_box",
     "parse_choice",
     "parse_count",
+    "parse_label",
     "parse_presence",
 ]
 
@@ -177,3 +179,20 @@ def choice_accuracy(predictions: Sequence[str], answers: Sequence, letters: str 
         return 0.0
     truth = [(a["letter"] if isinstance(a, dict) else a).upper() for a in answers]
     return sum(parse_choice(p, letters) == t for p, t in zip(predictions, truth)) / len(answers)
+
+
+# ---------------------------------------------------------------- identification (colour, shape)
+
+
+def parse_label(text: str, labels: Sequence[str]) -> str | None:
+    """The first of ``labels`` named in the answer as a whole word, case-insensitive ("A red one." -> "red")."""
+    found = re.search(r"\b(" + "|".join(re.escape(l) for l in labels) + r")s?\b", final_answer_text(text), re.I)
+    return found.group(1).lower() if found else None
+
+
+def label_accuracy(predictions: Sequence[str], answers: Sequence[str], labels: Sequence[str]) -> float:
+    """Fraction of outputs whose parsed label is the true one (0.0 for no samples)."""
+    _check_lengths(predictions, answers)
+    if not answers:
+        return 0.0
+    return sum(parse_label(p, labels) == a for p, a in zip(predictions, answers)) / len(answers)

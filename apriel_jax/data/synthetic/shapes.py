@@ -32,6 +32,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from apriel_jax.data.images import load_image
+
 __all__ = [
     "BG_MAX",
     "BG_MIN",
@@ -214,8 +216,7 @@ class ImageFolderSource:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Image.Image:
-        with Image.open(self.paths[index]) as im:
-            return im.convert("RGB")
+        return load_image(self.paths[index]).convert("RGB")  # upright (EXIF orientation applied)
 
     def sample(self, rng: np.random.Generator) -> Image.Image:
         return self[int(rng.integers(len(self)))]

@@ -27,14 +27,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .common import chat_sample, check_difficulty, lerp
+from .identify import ColorTask, ShapeTask
 from .matching import MatchingTask
 from .shapes import CATEGORIES, COLORS, plural, render_scene
 
 __all__ = [
+    "ColorTask",
     "CountingTask",
+    "DEFAULT_TASKS",
     "DetectionTask",
     "MatchingTask",
     "ReconstructionTask",
+    "ShapeTask",
     "TASKS",
     "TaskMixture",
     "dominant_color",
@@ -250,7 +254,9 @@ class ReconstructionTask(_ShapeTask):
 
 # ---------------------------------------------------------------- mixture
 
-TASKS = {t.name: t for t in (CountingTask, DetectionTask, MatchingTask, ReconstructionTask)}
+TASKS = {t.name: t for t in (CountingTask, DetectionTask, MatchingTask, ReconstructionTask, ColorTask, ShapeTask)}
+# The paper's four task families; the colour and shape probes (.identify) are asked for by name.
+DEFAULT_TASKS = ("counting", "detection", "matching", "reconstruction")
 
 
 class TaskMixture:
@@ -261,7 +267,7 @@ class TaskMixture:
     ``__getitem__``), and splits are disjoint by construction when they use different seeds or
     non-overlapping ``[start, start + length)`` index ranges.
 
-    ``weights``: task name -> relative weight (default: all four equally). ``difficulty``: one
+    ``weights``: task name -> relative weight (default: the four ``DEFAULT_TASKS`` equally). ``difficulty``: one
     value for every task or a task name -> value dict. ``image_source``: optional random-access
     source of real images (e.g. :class:`ImageFolderSource`); tasks that need no annotations then
     use a real image with probability ``real_image_prob`` (downscaled to ``max_real_side``).
@@ -270,7 +276,7 @@ class TaskMixture:
     def __init__(self, weights: dict[str, float] | None = None, difficulty: float | dict[str, float] = 0.5,
                  seed: int = 0, length: int = 1_000_000, start: int = 0, image_source=None,
                  real_image_prob: float = 0.5, size: tuple[int, int] = (256, 256), max_real_side: int = 512):
-        weights = dict(weights) if weights is not None else {name: 1.0 for name in TASKS}
+        weights = dict(weights) if weights is not None else {name: 1.0 for name in DEFAULT_TASKS}
         unknown = set(weights) - set(TASKS)
         if unknown:
             raise ValueError(f"unknown tasks {sorted(unknown)}; known: {sorted(TASKS)}")
