@@ -2,7 +2,8 @@
 #
 #   make quickstart   create .venv (if missing), install, run the main job: the demo pipeline
 #                     (the whole Apriel recipe on a tiny model, a few minutes on a CPU)
-#   make test         create .venv (if missing), install, run the test suite
+#   make test         create .venv (if missing), install, run the test suite (what CI runs; not the slow tests)
+#   make test-slow    the tests marked slow: the 15B dress rehearsal on 4 processes (tests/test_rehearsal.py)
 #   make install      create .venv (if missing) and `pip install -e '.[test]'`
 #
 # The install step is guarded by a stamp file inside .venv, so it only re-runs
@@ -24,13 +25,16 @@ PYTEST_ARGS ?=
 INSTALL_DEPS := setup.py $(wildcard setup.cfg) $(wildcard pyproject.toml) \
                 $(wildcard apriel_jax/__init__.py)
 
-.PHONY: quickstart test install venv clean-venv
+.PHONY: quickstart test test-slow install venv clean-venv
 
 quickstart: install
 	$(VENV)/bin/apriel-jax pipeline
 
 test: install
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q tests -m slow $(PYTEST_ARGS)
 
 install: $(STAMP)
 

@@ -80,7 +80,7 @@ output:
 
 _GENERATE_EPILOG = """\
 The prompt is <s>, then each --image in order (Pixtral's [IMG]/[IMG_BREAK]/[IMG_END] layout), then
-the --prompt text. No chat template is applied yet, so instruction-tuned checkpoints see raw text.
+the --prompt text; instruction-tuned checkpoints see raw text unless --chat renders a user turn.
 Generation stops at </s> or after --max-new-tokens tokens.
 """
 
@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, metavar="TEXT", help="prompt text, after the images")
     gen.add_argument("--chat", choices=("apriel", "think", "nothink"), metavar="MODE",
                      help="render the prompt as a user turn in this chat format (apriel | think | nothink) "
-                          "and print the reasoning and the final answer separately")
+                          "and print the reasoning and the final answer separately; apriel uses the "
+                          "checkpoint's chat template when it has one")
     gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
     gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass, 1 = off (default)")
@@ -364,13 +365,15 @@ def _run_generate(args, overrides: list[str]) -> int:
 def _chat_generate(args, sampling, tokenizer, images) -> int:
     from apriel_jax.chat import chat
     from apriel_jax.checkpoint.pretrained import from_pretrained
+    from apriel_jax.data.chat_template import ChatTemplate
 
+    template = ChatTemplate.from_checkpoint(args.checkpoint)  # None: the built-in Apriel renderer
     model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
     content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": args.prompt}]
     start = time.perf_counter()
     try:
         reply = chat(model, tokenizer, [{"role": "user", "content": content}], mode=args.chat, sampling=sampling,
-                     seed=args.seed, longest_edge=args.longest_edge)
+                     seed=args.seed, longest_edge=args.longest_edge, template=template)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if reply.reasoning:
@@ -518,12 +521,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from apriel_jax.data.images import ImageError
     from apriel_jax.data.sources import DataError
     from apriel_jax.data.tokenizer import UnknownSpecialTokenError
+    from apriel_jax.parallel.distributed import HostsDisagree, PeerFailed
     from apriel_jax.storage import StorageError
     from apriel_jax.utils.config_cli import ConfigOverrideError, UnknownConfigKeyError
 
     return (UsageError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError,
             ImageError, ConfigOverrideError, UnknownConfigKeyError, UnknownSpecialTokenError, DataError,
-            StorageError)
+            StorageError, HostsDisagree, PeerFailed)
 
 
 def _one_line(error: BaseException) -> str:

@@ -11,7 +11,6 @@ CONFIG is a pipeline config (every training stage, or ``--stage``) or a train co
 
 from __future__ import annotations
 
-import json
 import math
 
 HEADROOM = 0.85  # a configuration "fits" when its peak stays under this share of HBM
@@ -40,7 +39,7 @@ def add_parser(commands, debug, fmt) -> None:
                    help="pipeline stage to compile (repeatable; default: every training stage)")
     p.add_argument("--num-slices", type=int, default=0,
                    help="slices of the topology (default: the product of the config's mesh_dcn degrees)")
-    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON (local or gs://)")
     p.set_defaults(handler=_run)
 
 
@@ -138,7 +137,8 @@ def _run(args, overrides: list[str]) -> int:
         rows[name] = row
         print(format_row(name, row), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        from apriel_jax import storage
+
+        storage.write_json(args.json, rows, sort_keys=False)
     return 0 if ok else 1
 

@@ -4,7 +4,9 @@ Exit codes: 0 every selected stage finished (and the export, when the last stage
 preempted by SIGTERM (checkpoint saved; rerun the same command to resume); 3 a stage diverged; 65 a stage
 skipped more malformed records than data.max_skip_fraction allows; 74 storage
 failed mid-stage (the checkpoints already saved are kept; rerun to resume); 2 a bad config or command line
-(including missing cloud credentials, a missing bucket or a refused permission, found before any work).
+(including missing cloud credentials, a missing bucket or a refused permission, found before any work;
+processes started with different configs); 69 a process never reached the coordinator. On several
+processes a SIGKILLed process takes the others down with SIGABRT once JAX misses its heartbeats.
 """
 
 from __future__ import annotations
@@ -27,11 +29,22 @@ config:
     apriel-jax pipeline configs/pipelines/apriel_15b.py --config.run_dir=gs://BUCKET/runs/apriel
   Finished stages (STAGE/DONE.json) are skipped and an interrupted stage resumes from its last checkpoint:
   rerunning the same command continues where it stopped. run_dir, base and export.hf_dir may be gs:// URLs.
+  Compiled programs are kept in RUN_DIR/compile_cache (or $APRIEL_COMPILE_CACHE) for every stage (a rerun
+  skips compiling); --config.compile_cache=DIR|gs://... puts them elsewhere, --config.compile_cache=none
+  turns it off.
+
+multi-process (multi-host):
+  Start the same command in every process (on a pod: every host, with run_dir in a bucket); the layout
+  comes from SLURM, TPU metadata or APRIEL_COORDINATOR_ADDRESS / APRIEL_NUM_PROCESSES / APRIEL_PROCESS_ID
+  (or --config.distributed.*), see launch/README.md. Process 0 writes markers, summary and plot.
 
 exit codes:
   0 done; 75 preempted (SIGTERM: saved, rerun to resume); 3 a stage diverged (saved); 65 too many malformed
-  records skipped (saved); 74 storage failed
-  mid-stage (saved checkpoints kept, rerun to resume); 2 bad config, or no access to the storage.
+  records skipped (saved); 74 storage failed mid-stage (saved checkpoints kept, rerun to resume); 2 bad
+  config, no access to the storage, processes started with different configs or seeing different
+  finished stages; 69 a process never reached the coordinator. A process that dies (SIGKILL, a lost host)
+  takes the others down once JAX's coordination service misses its heartbeats (100 s): they abort with
+  SIGABRT (134); rerun the same command everywhere to resume.
 """
 
 
@@ -82,9 +95,21 @@ def _run(args, overrides: list[str]) -> int:
         raise UsageError("--only and --from exclude each other")
 
     from apriel_jax import storage
+    from apriel_jax.parallel import distributed
     from apriel_jax.stages.report import plan_text
     from apriel_jax.stages.runner import select_stages
 
+    # Before anything touches a JAX backend; a no-op for one process.
+    try:
+        distributed.initialize(cfg)
+        distributed.check_same_config(cfg)
+    except ValueError as e:  # an inconsistent process layout, or hosts started with different configs
+        raise UsageError(str(e)) from None
+    processes = distributed.hosts().count
+    uneven = {n: cfg.stages[n].train.data.global_batch for n in cfg.order
+              if cfg.stages[n].kind == "train" and cfg.stages[n].train.data.global_batch % processes}
+    if uneven:  # found before any stage writes anything (each process packs global_batch / processes rows)
+        raise UsageError(f"global_batch of stages {uneven} is not divisible by the {processes} processes")
     storage.preflight(read=[cfg.base])  # the plan reads the base checkpoint's config
     try:
         plan = plan_text(cfg)
@@ -102,25 +127,32 @@ def run_and_report(cfg, *, only=None, start=None, redo=False, export=True) -> in
     from apriel_jax.stages.report import plot_pipeline, summary_table, write_summary
     from apriel_jax.stages.runner import Runner, StageFailed
     from apriel_jax.train.config import EXIT_CODES
+    from apriel_jax.utils import compile_cache
 
     t0 = time.time()
+    compile_cache.share_with_stages(cfg)  # one cache for all stages, before anything compiles
     runner = Runner(cfg)
     try:
         summaries = runner.run(only=only, start=start, redo=redo)
     except StageFailed as e:
         print(f"pipeline: {e}", file=sys.stderr)
         return EXIT_CODES[e.status]
-    print()
-    print(summary_table(summaries))
-    write_summary(cfg, summaries)
-    png = plot_pipeline(cfg, storage.location(cfg.run_dir) / "curves.png")
-    if png is not None:
-        print(f"loss curves: {png}")
+    hosts = runner.hosts  # several processes: process 0 writes the summary and the plot, and checks the export
+
+    def report():
+        print()
+        print(summary_table(summaries))
+        write_summary(cfg, summaries)
+        png = plot_pipeline(cfg, storage.location(cfg.run_dir) / "curves.png")
+        if png is not None:
+            print(f"loss curves: {png}")
+
+    hosts.on_primary("writing the summary", report)
     last_ran = (only or cfg.order[-1]) == cfg.order[-1]
     if export and last_ran:
         out = runner.export()
         print(f"Hugging Face export: {out}")
-        if cfg.export.check_with_transformers:
+        if cfg.export.check_with_transformers and hosts.primary:
             print(f"transformers check: {check_export_with_transformers(out)}")
     print(f"pipeline {cfg.name}: done in {time.time() - t0:.0f} s; outputs under {cfg.run_dir}")
     return 0

@@ -24,6 +24,9 @@ config:
   A run directory with checkpoints is resumed from its latest one. run_dir, checkpoint.dir,
   init.from_pretrained and data paths may be gs:// URLs (credentials: GOOGLE_APPLICATION_CREDENTIALS or
   `gcloud auth application-default login`; a TPU VM's service account).
+  Compiled programs are kept in RUN_DIR/compile_cache, or $APRIEL_COMPILE_CACHE when set (JAX's persistent
+  cache: a resumed run skips compiling); --config.compile_cache=DIR|gs://... puts them elsewhere,
+  --config.compile_cache=none turns it off.
 
 multi-process (multi-host):
   Start the same command in every process; the layout comes from SLURM, TPU metadata or

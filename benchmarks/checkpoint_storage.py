@@ -22,23 +22,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-SERVER = Path(__file__).resolve().parents[1] / "tests" / "gcs_server.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from gcs_server import start as start_server  # noqa: E402  (a GCS API server on loopback)
 BUCKET = "bench"
 
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, str(SERVER), "--bucket", BUCKET], stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("READY"):
-        proc.kill()
-        raise RuntimeError(f"the GCS emulator did not start: {line!r}")
-    return proc, f"http://127.0.0.1:{int(line.split()[1])}"
 
 
 def bench_config(mb: float):
@@ -91,7 +83,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=2, help="runs per step; the best is reported")
     args = parser.parse_args()
 
-    server, url = start_server()
+    server, url = start_server(BUCKET)
     workdir = Path(tempfile.mkdtemp(prefix="apriel-ckpt-storage-"))
     # Before apriel_jax.storage is used: every GCS client of this process goes to the emulator, and
     # staged copies go to a cache this benchmark empties for each cold load.

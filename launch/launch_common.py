@@ -1,4 +1,5 @@
-"""What the launchers share: the command after ``--``, running or printing shell commands, a tiny YAML writer.
+"""What the launchers share: the command every host runs, the exit codes a rerun cannot fix, the image,
+running or printing shell commands, a tiny YAML writer.
 
 The launchers are plain scripts (``python launch/<name>.py``) that need only the standard library on
 the machine they run from (a laptop with gcloud / kubectl / sbatch); this module sits next to them.
@@ -14,6 +15,16 @@ import sys
 from collections.abc import Sequence
 
 
+# The command every host runs when none follows ``--``: the whole recipe, resumable stage by stage.
+DEFAULT_PIPELINE = "configs/pipelines/apriel_15b.py"
+# Exit codes of `apriel-jax train` / `pipeline` that a rerun would only repeat: 2 bad config or no access to
+# the storage, 3 diverged, 65 too many malformed records (apriel_jax.train.config.EXIT_CODES). Every other
+# failure (75 preempted, 74 storage failed mid-run, 69 a missing process, a lost host) is worth a restart:
+# the rerun resumes from the last checkpoint.
+NOT_RESUMABLE_EXIT_CODES = (2, 3, 65)
+DOCKERFILE = "launch/Dockerfile"
+
+
 class LaunchError(ValueError):
     """A bad launcher argument: reported as one line, exit code 2."""
 
@@ -27,10 +38,29 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv[:i], argv[i + 1:]
 
 
-def require_command(command: list[str]) -> str:
-    if not command:
-        raise LaunchError("no command to run: put it after --, e.g. -- apriel-jax train configs/train/tiny_text.py")
-    return shlex.join(command)
+COMMAND_EPILOG = ("After --: options of the default command `apriel-jax pipeline CONFIG` (see --pipeline), e.g. "
+                  "-- --config.run_dir=gs://BUCKET/runs/apriel-15b, or a whole command that starts with a program, "
+                  "e.g. -- apriel-jax train configs/train/tiny_text.py.")
+
+
+def add_pipeline_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", default=DEFAULT_PIPELINE, metavar="CONFIG",
+                        help="pipeline config of the default command `apriel-jax pipeline CONFIG` (PATH or "
+                             "PATH:ARG, e.g. configs/pipelines/apriel_15b.py:gs://BUCKET/apriel-data), run when "
+                             f"no program follows -- (default: {DEFAULT_PIPELINE})")
+
+
+def launched_command(pipeline: str, words: list[str]) -> str:
+    """The shell line every host runs: the words after ``--`` when they start with a program (``apriel-jax
+    train ...``), else ``apriel-jax pipeline PIPELINE`` followed by them (its options and overrides)."""
+    if words and not words[0].startswith("-"):
+        return shlex.join(words)
+    return shlex.join(["apriel-jax", "pipeline", pipeline, *words])
+
+
+def image_commands(image: str) -> list[list[str]]:
+    """Build the container image from this checkout (run at the repository root) and push it."""
+    return [["docker", "build", "-f", DOCKERFILE, "-t", image, "."], ["docker", "push", image]]
 
 
 def shell(argv: Sequence[str]) -> str:
@@ -57,6 +87,16 @@ class Runner:
             return subprocess.run(argv, check=False).returncode
         with open(log_path, "w", encoding="utf-8") as log:
             return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+
+    def output(self, argv: Sequence[str]) -> tuple[int, str]:
+        """(exit code, stdout) of a command whose answer the caller reads, e.g. a resource's state."""
+        argv = [str(a) for a in argv]
+        self.commands.append(argv)
+        if self.dry_run:
+            print(shell(argv), file=self.out)
+            return 0, ""
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return done.returncode, done.stdout
 
 
 def positive(text: str) -> int:

@@ -13,8 +13,9 @@ reads ``SLURM_PROCID`` and the srun step's task count, and the coordinator is th
 allocation (``scontrol show hostnames $SLURM_JOB_NODELIST | head -n1``) at ``--port``. Each task writes
 ``<log-dir>/<job name>-<job id>-task<N>.log``.
 
-``--dry-run`` prints the sbatch script and the sbatch command; otherwise the script is written to
-``--out`` and submitted.
+Without a program after ``--`` every task runs ``apriel-jax pipeline CONFIG`` (``--pipeline``) followed by
+the words after ``--``. ``--dry-run`` prints the sbatch script and the sbatch command; otherwise the script
+is written to ``--out`` and submitted.
 """
 
 from __future__ import annotations
@@ -28,19 +29,20 @@ from pathlib import Path
 # launch/ is not a package: make the sibling helper importable however this file is run or imported.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launch_common import (
+    COMMAND_EPILOG,
     LaunchError,
     Runner,
+    add_pipeline_argument,
+    launched_command,
     main_wrapper,
     positive,
-    require_command,
     split_command,
 )
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="launch/slurm_gpu.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="The command to run goes after --.")
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMMAND_EPILOG)
     p.add_argument("--nodes", type=positive, required=True)
     p.add_argument("--gpus-per-node", type=positive, required=True)
     p.add_argument("--tasks", choices=("per-gpu", "per-node"), default="per-gpu",
@@ -57,6 +59,7 @@ def parse_args(argv):
     p.add_argument("--log-dir", default="logs/slurm")
     p.add_argument("--out", default="", help="sbatch script path (default: <log-dir>/<job-name>.sbatch)")
     p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; submit nothing")
+    add_pipeline_argument(p)
     return p.parse_args(argv)
 
 
@@ -74,7 +77,7 @@ def sbatch_script(args, command: list[str]) -> str:
     tasks_per_node = args.gpus_per_node if per_gpu else 1
     gpus_per_task = 1 if per_gpu else args.gpus_per_node
     cpus = args.cpus_per_task or 8 * gpus_per_task
-    train = require_command(command)
+    train = launched_command(args.pipeline, command)
     log_dir = args.log_dir.rstrip("/") or "."
     directives = [
         f"--job-name={args.job_name}",

@@ -4,6 +4,10 @@
     python launch/tpu_pod.py --tpu my-v5p --zone us-east5-a [--create --accelerator-type v5p-64] \\
         [--install copy|git|none] [--dry-run] -- apriel-jax train configs/train/tiny_text.py --config.steps=100
 
+Without a program after ``--`` every worker runs ``apriel-jax pipeline CONFIG`` (``--pipeline``) followed
+by the words after ``--``. A Spot or queued-resource slice that must be recreated after a preemption:
+``tpu_queued.py``.
+
 Steps (each one gcloud command; ``--dry-run`` prints them and runs nothing):
 
 1. ``--create``: ``gcloud compute tpus tpu-vm create`` (skip it to use an existing slice);
@@ -33,10 +37,12 @@ from pathlib import Path
 # launch/ is not a package: make the sibling helper importable however this file is run or imported.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launch_common import (
+    COMMAND_EPILOG,
     LaunchError,
     Runner,
+    add_pipeline_argument,
+    launched_command,
     main_wrapper,
-    require_command,
     split_command,
 )
 
@@ -49,8 +55,7 @@ RUNTIME = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu-
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="launch/tpu_pod.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="The command to run goes after --.")
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMMAND_EPILOG)
     p.add_argument("--tpu", required=True, help="TPU VM name")
     p.add_argument("--zone", required=True)
     p.add_argument("--project", default="", help="default: gcloud's configured project")
@@ -58,6 +63,14 @@ def parse_args(argv):
     p.add_argument("--accelerator-type", default="", help="with --create, e.g. v5p-64, v5litepod-256, v6e-256")
     p.add_argument("--version", default="", help="with --create: the TPU VM runtime image (default: by generation)")
     p.add_argument("--spot", action="store_true", help="with --create: a Spot slice")
+    add_worker_arguments(p)
+    p.add_argument("--detach", action="store_true", help="keep the command running after ssh returns (nohup)")
+    p.add_argument("--dry-run", action="store_true", help="print every command instead of running it")
+    return p.parse_args(argv)
+
+
+def add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    """How the workers get the code, where they log, and what they run (shared with tpu_queued.py)."""
     p.add_argument("--install", choices=("copy", "git", "none"), default="copy",
                    help="copy this checkout (default), clone --repo-url, or use what is installed")
     p.add_argument("--repo-url", default="", help="with --install git")
@@ -67,22 +80,27 @@ def parse_args(argv):
     p.add_argument("--extras", default="tpu", help="pip extras installed on the workers")
     p.add_argument("--log-dir", default="logs", help="worker logs, under --remote-dir when relative")
     p.add_argument("--run-name", default="", help="log subdirectory (default: UTC time)")
-    p.add_argument("--detach", action="store_true", help="keep the command running after ssh returns (nohup)")
-    p.add_argument("--dry-run", action="store_true", help="print every command instead of running it")
-    return p.parse_args(argv)
+    add_pipeline_argument(p)
 
 
-def check(args, command: list[str]) -> None:
-    require_command(command)
+def check(args) -> None:
     if args.create and not ACCELERATOR.match(args.accelerator_type):
         raise LaunchError(f"--create needs --accelerator-type like v5p-64, v5litepod-256 or v6e-256, "
                           f"got {args.accelerator_type!r}")
+    check_worker_arguments(args)
+    check_name("--tpu", args.tpu)
+
+
+def check_worker_arguments(args) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_,-]+", args.extras):
         raise LaunchError(f"--extras {args.extras!r}: comma-separated extra names, e.g. tpu")
     if args.install == "git" and not args.repo_url:
         raise LaunchError("--install git needs --repo-url")
-    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", args.tpu):
-        raise LaunchError(f"--tpu {args.tpu!r} is not a valid TPU name (lowercase letters, digits, dashes)")
+
+
+def check_name(flag: str, name: str) -> None:
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        raise LaunchError(f"{flag} {name!r} is not a valid TPU name (lowercase letters, digits, dashes)")
 
 
 def gcloud(args, *words) -> list[str]:
@@ -121,43 +139,57 @@ def plan(args, command: list[str]) -> list[list[str]]:
         version = args.version or RUNTIME[args.accelerator_type.split("-")[0]]
         steps.append(gcloud(args, "create", args.tpu, f"--accelerator-type={args.accelerator_type}",
                             f"--version={version}", *(["--spot"] if args.spot else [])))
+    return steps + install_steps(args) + [run_step(args, launched_command(args.pipeline, command), args.detach)]
+
+
+def install_steps(args) -> list[list[str]]:
+    """The gcloud commands that put the code and a venv on every worker of ``args.tpu`` (``--install``)."""
     d = shlex.quote(args.remote_dir)
     if args.install == "copy":
         tarball = pack_checkout(args.dry_run)
-        steps.append(gcloud(args, "scp", tarball, f"{args.tpu}:apriel-jax-checkout.tar.gz", "--worker=all"))
-        steps.append(ssh_all(args, f"mkdir -p {d} && tar -xzf apriel-jax-checkout.tar.gz -C {d} && "
-                                   + venv_install(args)))
-    elif args.install == "git":
+        return [gcloud(args, "scp", tarball, f"{args.tpu}:apriel-jax-checkout.tar.gz", "--worker=all"),
+                ssh_all(args, f"mkdir -p {d} && tar -xzf apriel-jax-checkout.tar.gz -C {d} && " + venv_install(args))]
+    if args.install == "git":
         url, ref = shlex.quote(args.repo_url), shlex.quote(args.ref)
-        steps.append(ssh_all(args, f"(test -d {d}/.git || git clone {url} {d}) && cd {d} && git fetch -q origin "
-                                   f"&& git checkout -q {ref} && cd - >/dev/null && " + venv_install(args)))
+        return [ssh_all(args, f"(test -d {d}/.git || git clone {url} {d}) && cd {d} && git fetch -q origin "
+                              f"&& git checkout -q {ref} && cd - >/dev/null && " + venv_install(args))]
+    return []
+
+
+def run_step(args, train: str, detach: bool = False) -> list[str]:
+    """``ssh --worker=all`` that runs the shell line ``train`` in the workers' checkout; each worker logs to
+    ``<log-dir>/<run-name>/$(hostname).log`` (that directory is left in ``args.logs``); ``detach``: under
+    nohup, left running after ssh returns."""
     run_name = args.run_name or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    logs = f"{args.log_dir}/{run_name}"
-    train = require_command(command)
+    logs = args.logs = f"{args.log_dir}/{run_name}"
     log = f"{logs}/$(hostname).log"
-    prepare = f"cd {d} && mkdir -p {shlex.quote(logs)} && export PATH=\"$PWD/.venv/bin:$PATH\""
-    if args.detach:
+    prepare = (f"cd {shlex.quote(args.remote_dir)} && mkdir -p {shlex.quote(logs)} && "
+               'export PATH="$PWD/.venv/bin:$PATH"')
+    if detach:
         script = f"{prepare} && nohup {train} > {log} 2>&1 < /dev/null &"
     else:  # pipefail: ssh reports the command's exit code, not tee's
         script = f"set -o pipefail; {prepare} && {train} 2>&1 | tee {log}"
-    steps.append(ssh_all(args, script))
-    args.logs = logs
-    return steps
+    return ssh_all(args, script)
+
+
+def fetch_logs_hint(args) -> str:
+    remote_logs = f"{args.remote_dir}/{args.logs}"
+    fetch = gcloud(args, "scp", "--recurse", f"{args.tpu}:{remote_logs}", "./tpu-logs", "--worker=all")
+    return (f"# worker logs: {remote_logs}/<worker hostname>.log on each worker; fetch them with:\n"
+            f"#   {' '.join(fetch)}")
 
 
 def main(argv) -> int:
     argv, command = split_command(argv)
     args = parse_args(argv)
-    check(args, command)
+    check(args)
     runner = Runner(args.dry_run)
     for step in plan(args, command):
         rc = runner.run(step)
         if rc:
             print(f"error: {step[4]} step failed with exit code {rc}", file=sys.stderr)
             return rc
-    remote_logs = f"{args.remote_dir}/{args.logs}"
-    print(f"# worker logs: {remote_logs}/<worker hostname>.log on each worker; fetch them with:\n"
-          f"#   {' '.join(gcloud(args, 'scp', '--recurse', f'{args.tpu}:{remote_logs}', './tpu-logs', '--worker=all'))}")
+    print(fetch_logs_hint(args))
     return 0
 
 

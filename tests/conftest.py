@@ -20,8 +20,11 @@ collecting any test module).
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
+import tempfile
 import zlib
 
 NUM_CPU_DEVICES = 8
@@ -58,6 +61,14 @@ def _configure_environment() -> None:
     # AOT tests describe TPU topologies through libtpu, which otherwise holds a machine-wide lock file:
     # a second test run or a benchmark on the same machine would fail on it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+    # One persistent compilation cache for the session (apriel_jax.utils.compile_cache reads this variable):
+    # the many train and pipeline runs of the same tiny configs, most in subprocesses, read their compiled
+    # programs back instead of compiling them again. Tests of the cache itself unset it.
+    if "APRIEL_COMPILE_CACHE" not in os.environ:
+        cache = tempfile.mkdtemp(prefix="apriel-test-compile-cache-")
+        atexit.register(shutil.rmtree, cache, True)
+        os.environ["APRIEL_COMPILE_CACHE"] = cache
 
 
 _configure_environment()
@@ -102,18 +113,9 @@ def gcs_server():
     ``STORAGE_EMULATOR_HOST`` alone would do (``apriel_jax.storage.gcs`` derives the rest); the derived
     variables are set here too so the fixture does not depend on the code under test.
     """
-    import subprocess
-    import sys
-    from pathlib import Path
+    from gcs_server import start
 
-    script = Path(__file__).with_name("gcs_server.py")
-    proc = subprocess.Popen([sys.executable, str(script), "--bucket", GCS_BUCKET], stdout=subprocess.PIPE,
-                            text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("READY"):
-        proc.kill()
-        raise RuntimeError(f"the GCS emulator did not start: {line!r}")
-    url = f"http://127.0.0.1:{int(line.split()[1])}"
+    proc, url = start(GCS_BUCKET)
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
     saved = {k: os.environ.get(k) for k in env}

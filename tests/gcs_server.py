@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import re
+import subprocess
 import sys
 from functools import partial
 from http.server import HTTPServer
@@ -131,6 +132,18 @@ class Server(HTTPServer):
         # A client that closes its connection early (a cancelled read) or falls silent is not a server failure.
         if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, TimeoutError)):
             super().handle_error(request, client_address)
+
+
+def start(*buckets: str) -> tuple[subprocess.Popen, str]:
+    """Run this server in a child process (the tests' fixture, the storage benchmarks): the process and the
+    server's URL, once it serves."""
+    args = [a for b in buckets for a in ("--bucket", b)]
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("READY"):
+        proc.kill()
+        raise RuntimeError(f"the GCS emulator did not start: {line!r}")
+    return proc, f"http://127.0.0.1:{int(line.split()[1])}"
 
 
 def main() -> None:

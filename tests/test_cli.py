@@ -163,7 +163,8 @@ def test_bad_checkpoint_is_one_line_exit_2(case, tiny_checkpoint, tmp_path, caps
     assert "Traceback" not in "\n".join(err)
 
 
-def test_debug_flag_shows_the_exception(tmp_path):
+def test_debug_flag_shows_the_exception(tmp_path, monkeypatch):
+    monkeypatch.delenv("APRIEL_DEBUG", raising=False)  # --debug sets it for the process: undone after the test
     with pytest.raises(FileNotFoundError):
         main(["--debug", "generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"])
     with pytest.raises(FileNotFoundError):

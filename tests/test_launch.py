@@ -1,9 +1,11 @@
-"""The launchers' dry runs (launch/*.py): the commands, manifest and sbatch script they would submit.
+"""The launchers (launch/*.py): the commands, manifest and sbatch script they would submit, the queued-resource
+loop's decisions, and the container image's install line.
 
-Nothing here runs gcloud, kubectl, xpk or sbatch, or touches the network: every call is a --dry-run
-(checked: the runner must not start a subprocess) or fails on its arguments first.
+Nothing here runs gcloud, kubectl, xpk, docker or sbatch, or touches the network: every call is a --dry-run
+(checked: the runner must not start a subprocess), fails on its arguments first, or talks to a fake gcloud.
 """
 
+import ast
 import importlib.util
 import re
 import shlex
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
 TRAIN = ["apriel-jax", "train", "configs/train/tiny_text.py", "--config.run_dir=gs://bucket/runs/a b"]
 
 
@@ -87,26 +90,39 @@ def test_tpu_pod_bad_arguments(argv, message):
         module.main([*argv, "--dry-run", "--", *TRAIN])
 
 
-def test_launcher_without_command_is_a_clear_error(capsys, monkeypatch):
-    module = load("tpu_pod")
-    with pytest.raises(module.LaunchError, match="no command to run: put it after --"):
-        module.main(["--tpu", "p", "--zone", "z", "--dry-run"])
+def test_default_command_is_the_pipeline(capsys):
+    """Without a program after --, every launcher runs `apriel-jax pipeline CONFIG` plus the words after --."""
+    common = load("launch_common")
+    assert common.launched_command("c.py:gs://b/data", ["--config.run_dir=gs://b/r", "--no-export"]) == (
+        "apriel-jax pipeline c.py:gs://b/data --config.run_dir=gs://b/r --no-export")
+    assert common.launched_command("c.py", TRAIN) == shlex.join(TRAIN)  # a whole command is run as given
+    pipeline = "apriel-jax pipeline configs/pipelines/apriel_15b.py"
+    for name, argv in (("tpu_pod", ["--tpu", "p", "--zone", "z", "--install", "none"]),
+                       ("slurm_gpu", ["--nodes", "1", "--gpus-per-node", "8"]),
+                       ("gke_jobset", ["--name", "x", "--accelerator", "v5e", "--topology", "2x2", "--image", "i"]),
+                       ("tpu_queued", ["--name", "q", "--zone", "z", "--accelerator-type", "v5p-8",
+                                       "--install", "none"])):
+        assert load(name).main([*argv, "--dry-run"]) == 0
+        assert pipeline in capsys.readouterr().out, name
 
+
+def test_bad_argument_is_one_line_and_exit_code_2(capsys, monkeypatch):
+    module = load("tpu_pod")
     # As a script (main_wrapper): one line on stderr, exit code 2, as for argparse's own errors.
-    monkeypatch.setattr(sys, "argv", ["tpu_pod.py", "--tpu", "p", "--zone", "z", "--dry-run"])
+    monkeypatch.setattr(sys, "argv", ["tpu_pod.py", "--tpu", "My_TPU", "--zone", "z", "--dry-run"])
     assert module.main_wrapper(module.main) == 2
-    assert capsys.readouterr().err.startswith("error: no command to run")
+    assert capsys.readouterr().err.startswith("error: --tpu 'My_TPU' is not a valid TPU name")
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--zone", "z", "--dry-run", "--", *TRAIN])  # --tpu missing
     assert exit_info.value.code == 2
 
 
-def manifest_of(capsys, *argv):
+def manifest_of(capsys, *argv, command=TRAIN):
     yaml = pytest.importorskip("yaml")
-    rc, out = run(capsys, "gke_jobset", *argv, "--dry-run")
+    rc = load("gke_jobset").main([*argv, "--dry-run", "--", *command])
     assert rc == 0
-    doc, _, commands = out.partition("\n---\n")
-    return yaml.safe_load(doc), commands.strip().splitlines()
+    doc, _, commands = capsys.readouterr().out.partition("\n---\n")
+    return yaml.safe_load(doc), [line for line in commands.strip().splitlines() if not line.startswith("#")]
 
 
 def test_gke_jobset_multislice_manifest(capsys, tmp_path):
@@ -131,11 +147,43 @@ def test_gke_jobset_multislice_manifest(capsys, tmp_path):
     assert env["MEGASCALE_NUM_SLICES"]["value"] == "3"
     assert env["MEGASCALE_COORDINATOR_ADDRESS"]["value"] == "apriel-cpt-slice-0-0.apriel-cpt"
     assert "job-index" in env["MEGASCALE_SLICE_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
-    assert commands[0] == f"kubectl apply -f {out}"
-    xpk = shlex.split(commands[1])
+    assert commands[:3] == ["docker build -f launch/Dockerfile -t gcr.io/p/apriel:1 .", "docker push gcr.io/p/apriel:1",
+                            f"kubectl apply -f {out}"]
+    xpk = shlex.split(commands[3])
     assert xpk[:3] == ["xpk", "workload", "create"]
     assert {"--cluster=c1", "--workload=apriel-cpt", "--tpu-type=v5p-128", "--num-slices=3",
-            "--docker-image=gcr.io/p/apriel:1", "--project=proj", "--zone=us-east5"} <= set(xpk)
+            "--docker-image=gcr.io/p/apriel:1", "--project=proj", "--zone=us-east5", "--max-restarts=10",
+            "--termination-grace-period-seconds=300", "--restart-on-user-code-failure"} <= set(xpk)
+
+
+def test_gke_jobset_restarts_after_preemption_with_time_to_save(capsys):
+    """Restarts are on by default, pods get a grace period sized for a checkpoint save, and the exit codes a
+    rerun would only repeat fail the JobSet at once (the same codes `apriel-jax train` uses for them)."""
+    from apriel_jax.cli import EXIT_USAGE
+    from apriel_jax.train.config import EXIT_CODES
+
+    m, _ = manifest_of(capsys, "--name", "apriel-15b", "--accelerator", "v5p", "--topology", "4x4x4", "--image", "i",
+                       "--pipeline", "configs/pipelines/apriel_15b.py:gs://b/data",
+                       command=["--config.run_dir=gs://b/r"])
+    policy = m["spec"]["failurePolicy"]
+    assert policy["maxRestarts"] > 0
+    assert policy["rules"] == [{"action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}]
+    job = m["spec"]["replicatedJobs"][0]["template"]["spec"]
+    (rule,) = job["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["operator"] == "In"
+    assert sorted(rule["onExitCodes"]["values"]) == sorted([EXIT_USAGE, EXIT_CODES["diverged"], EXIT_CODES["bad_data"]])
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 120
+    assert rule["onExitCodes"]["containerName"] == pod["containers"][0]["name"]
+    assert pod["containers"][0]["command"][2] == (
+        "apriel-jax pipeline configs/pipelines/apriel_15b.py:gs://b/data --config.run_dir=gs://b/r")
+
+    m, _ = manifest_of(capsys, "--name", "x", "--accelerator", "v5p", "--topology", "4x4x4", "--image", "i",
+                       "--num-slices", "2", "--max-restarts", "3", "--grace-period-s", "900", command=[])
+    assert m["spec"]["failurePolicy"]["maxRestarts"] == 3
+    pod = m["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 900
+    assert pod["containers"][0]["command"][2].endswith(" --config.mesh_dcn.data=2")  # slices in the pipeline too
 
 
 def test_gke_jobset_single_slice_and_writing(capsys, tmp_path):
@@ -238,3 +286,100 @@ def test_slurm_bad_counts(capsys):
             module.main([*argv, "--dry-run", "--", *TRAIN])
     err = capsys.readouterr().err
     assert "--nodes: 0 must be >= 1" in err and "--gpus-per-node: 'x' is not an integer" in err
+
+
+QUEUED = ["--name", "apriel-15b", "--zone", "us-east5-a", "--project", "proj", "--accelerator-type", "v5p-128",
+          "--spot", "--install", "git", "--repo-url", "https://example.com/apriel-jax.git", "--run-name", "r1"]
+
+
+def test_tpu_queued_dry_run_prints_one_pass_and_the_recreate(capsys):
+    rc = load("tpu_queued").main([*QUEUED, "--pipeline", "configs/pipelines/apriel_15b.py:gs://b/data", "--dry-run",
+                                  "--", "--config.run_dir=gs://b/runs/apriel-15b"])
+    assert rc == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("gcloud")]
+    assert [c[3:5] for c in commands] == [["queued-resources", "describe"], ["queued-resources", "delete"],
+                                          ["queued-resources", "create"], ["queued-resources", "describe"],
+                                          ["tpu-vm", "ssh"], ["tpu-vm", "ssh"]]
+    describe, delete, create, _, install, start = commands
+    assert all(c[5] == "apriel-15b" and "--zone=us-east5-a" in c and "--project=proj" in c for c in commands)
+    assert "--format=value(state.state)" in describe
+    assert {"--force", "--quiet"} <= set(delete)
+    assert {"--node-id=apriel-15b", "--accelerator-type=v5p-128", "--runtime-version=v2-alpha-tpuv5",
+            "--spot"} <= set(create)
+    assert "git clone https://example.com/apriel-jax.git" in install[-3] and "--worker=all" in install
+    script = next(a for a in start if a.startswith("--command="))
+    assert ("apriel-jax pipeline configs/pipelines/apriel_15b.py:gs://b/data --config.run_dir=gs://b/runs/apriel-15b"
+            " 2>&1 | tee logs/r1/$(hostname).log") in script
+
+
+class FakeGcloud:
+    """Answers the loop's gcloud commands from a script: the queued resource's states, one per describe
+    (None: not found), and the exit code of every other command, in order, by verb."""
+
+    def __init__(self, states, codes):
+        self.states, self.codes, self.verbs = list(states), {k: list(v) for k, v in codes.items()}, []
+
+    def output(self, argv):
+        self.verbs.append("describe")
+        state = self.states.pop(0)
+        return (0, f"{state}\n") if state else (1, "")
+
+    def run(self, argv):
+        verb = argv[4] if argv[4] != "ssh" else "run" if any("| tee logs/" in a for a in argv) else "install"
+        self.verbs.append(verb)
+        return self.codes[verb].pop(0)
+
+
+def loop(fake, *extra):
+    module = load("tpu_queued")
+    args = module.parse_args([*QUEUED, "--poll-s", "5", *extra])
+    sleeps = []
+    rc = module.keep_running(fake, args, shlex.join(TRAIN), sleep=sleeps.append)
+    return rc, sleeps
+
+
+def test_tpu_queued_recreates_a_preempted_slice_and_resumes():
+    fake = FakeGcloud(states=[None, "WAITING_FOR_RESOURCES", "ACTIVE", "SUSPENDED", "SUSPENDED", None, "ACTIVE"],
+                      codes={"create": [0, 0], "delete": [0], "install": [0, 0], "run": [75, 0]})
+    rc, sleeps = loop(fake)
+    assert rc == 0 and sleeps == [5.0, 5.0, 5.0]  # while queued, and while each create provisions
+    assert fake.verbs == ["describe", "create", "describe", "describe", "install", "run",  # preempted: exit 75
+                          "describe", "describe", "delete", "describe", "create", "describe", "install", "run"]
+    assert not fake.states and not any(fake.codes.values())
+
+
+def test_tpu_queued_reruns_on_a_live_slice_and_stops_on_what_a_rerun_repeats():
+    # A storage failure (74) on a slice still ACTIVE: the command runs again there, nothing is recreated.
+    fake = FakeGcloud(states=["ACTIVE", "ACTIVE", "ACTIVE"], codes={"install": [0, 0], "run": [74, 0]})
+    assert loop(fake) == (0, [])
+    assert "create" not in fake.verbs and "delete" not in fake.verbs
+    # A bad config (2) on an ACTIVE slice: stop with it.
+    fake = FakeGcloud(states=["ACTIVE", "ACTIVE"], codes={"install": [0], "run": [2]})
+    assert loop(fake)[0] == 2 and fake.verbs == ["describe", "install", "run", "describe"]
+    # Preempted every time: give up after --max-restarts reruns with the last exit code.
+    fake = FakeGcloud(states=["ACTIVE"] * 4, codes={"install": [0, 0], "run": [75, 75]})
+    assert loop(fake, "--max-restarts", "1")[0] == 75 and fake.verbs.count("run") == 2
+
+
+def test_dockerfile_installs_the_tpu_extra_of_setup_py():
+    """The image installs the package with the `tpu` extra that setup.py defines (jax[tpu], hence libtpu), the
+    extra tpu_pod.py installs on TPU VMs, on a Python setup.py supports; the launchers print its build command."""
+    dockerfile = (LAUNCH / "Dockerfile").read_text()
+    (install,) = re.findall(r"^RUN pip install .*$", dockerfile, flags=re.MULTILINE)
+    assert re.search(r'"\.\[(\w+)\]"', install).group(1) == "tpu"
+    tree = ast.parse((REPO / "setup.py").read_text())
+    extras = next(node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                  and getattr(node.targets[0], "id", "") == "EXTRAS_REQUIRE")
+    tpu = extras.values[[ast.literal_eval(k) for k in extras.keys].index("tpu")]
+    assert "jax[tpu]" in ast.unparse(tpu)
+    assert load("tpu_pod").parse_args(["--tpu", "p", "--zone", "z"]).extras == "tpu"
+    python = re.search(r"^FROM python:(\d+\.\d+)", dockerfile, flags=re.MULTILINE).group(1)
+    assert f"Programming Language :: Python :: {python}" in (REPO / "setup.py").read_text()
+    for copied in re.findall(r"^COPY (.+) \S+$", dockerfile, flags=re.MULTILINE):
+        assert all((REPO / path).exists() for path in copied.split()), copied
+    common = load("launch_common")
+    assert common.DOCKERFILE == "launch/Dockerfile" and (REPO / common.DOCKERFILE).exists()
+    assert "ENV APRIEL_COMPILE_CACHE=" in dockerfile
+    from apriel_jax.utils import compile_cache
+
+    assert compile_cache.ENV == "APRIEL_COMPILE_CACHE"

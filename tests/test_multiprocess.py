@@ -72,7 +72,8 @@ def free_port() -> int:
 
 def child_env(devices: int, **extra) -> dict:
     """The parent's environment with its own CPU device count (conftest's 8 replaced)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("APRIEL_", "SLURM_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("APRIEL_", "SLURM_")) or k == "APRIEL_COMPILE_CACHE"}  # the session's cache
     flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     env["JAX_PLATFORMS"] = "cpu"

@@ -2,7 +2,8 @@
 consolidated format): sharded safetensors + index + config.json (+ tokenizer files).
 
 Tensors are produced one at a time (one layer of one stacked parameter gathered to the host, converted,
-written, dropped), so host memory stays near one tensor. The output directory (local or ``gs://``) is
+written, dropped), so host memory stays near one tensor. With several processes (a multi-host job) every
+process gathers each tensor in turn and process 0 writes it. The output directory (local or ``gs://``) is
 published through ``storage.new_directory``: locally it appears atomically and a failed export leaves
 nothing behind; on GCS its marker (config.json, or params.json in the Mistral layout) is written last
 and readers refuse the directory without it.
@@ -36,6 +37,16 @@ def _np_dtype(name: str):
     return jax.numpy.dtype(name)  # handles "bfloat16" through ml_dtypes
 
 
+def _to_host(array) -> np.ndarray:
+    """The whole of ``array`` as a NumPy array. An array sharded over several processes is gathered: a
+    collective, so every process produces the same tensors in the same order (only process 0 writes)."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def tensor_specs(state: nnx.State, cfg, *, layout: str = "hf4", dtype: str | None = None) -> list[TensorSpec]:
     """One lazily produced TensorSpec per checkpoint tensor, in name order."""
     arrays = {}
@@ -50,7 +61,7 @@ def tensor_specs(state: nnx.State, cfg, *, layout: str = "hf4", dtype: str | Non
             shape = jax.eval_shape(m.to_ext, jax.ShapeDtypeStruct(part_shape, np.float32)).shape
 
             def produce(m=m, array=array, i=i, out_dtype=out_dtype):
-                host = np.asarray(array if i is None else array[i])
+                host = _to_host(array if i is None else array[i])
                 return np.ascontiguousarray(m.to_ext(host)).astype(out_dtype, copy=False)
 
             specs.append(TensorSpec(m.name if i is None else m.name.format(i=i), tuple(shape), out_dtype, produce))

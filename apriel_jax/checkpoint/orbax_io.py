@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from apriel_jax import storage
 from apriel_jax.model.factory import abstract_model, state_shardings
+from apriel_jax.parallel import distributed
 from apriel_jax.parallel.rules import DEFAULT_RULES
 
 CONFIG_FILE = "apriel_config.json"
@@ -63,12 +64,15 @@ def save_model(state: nnx.State, cfg, out_dir, *, overwrite: bool = False,
     """Save parameters, ``extra_files`` (tokenizer, HF config, ...) and the config to ``out_dir`` (local or
     ``gs://``), which readers trust only once complete (see the module docstring)."""
     cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    with storage.new_directory(out_dir, marker=CONFIG_FILE, overwrite=overwrite) as tmp:
-        for name, data in (extra_files or {}).items():
-            storage.write_bytes(tmp / name, data)
+    hosts = distributed.hosts()  # several processes: each saves its shards, process 0 the single files
+    with storage.new_directory(out_dir, marker=CONFIG_FILE, overwrite=overwrite, hosts=hosts) as tmp:
+        if hosts.primary:
+            for name, data in (extra_files or {}).items():
+                storage.write_bytes(tmp / name, data)
         with _checkpointer() as checkpointer:
             checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(nnx.to_pure_dict(state)))
-        storage.write_text(tmp / CONFIG_FILE, json.dumps(cfg_dict, indent=2, sort_keys=True))
+        if hosts.primary:
+            storage.write_text(tmp / CONFIG_FILE, json.dumps(cfg_dict, indent=2, sort_keys=True))
     return storage.location(out_dir)
 
 

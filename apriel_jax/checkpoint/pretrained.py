@@ -111,9 +111,12 @@ def hf_to_orbax(src, dst, *, param_dtype: str | None = None, overwrite: bool = F
     return orbax_io.save_model(state, cfg, dst, overwrite=overwrite, extra_files=extra)
 
 
-def orbax_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = False, max_shard_bytes=5 * 2**30):
+def orbax_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = False, max_shard_bytes=5 * 2**30,
+                mesh: Mesh | None = None):
+    """With ``mesh`` the parameters are restored sharded over it (a multi-host job: no host holds the whole
+    model; each tensor is gathered in turn while it is written)."""
     cfg = orbax_io.load_config(src)
-    state = orbax_io.load_state(src, cfg)
+    state = orbax_io.load_state(src, cfg, mesh=mesh)
     return hf_export.export_hf(state, cfg, dst, dtype=dtype, source_dir=src, overwrite=overwrite,
                                max_shard_bytes=max_shard_bytes)
 

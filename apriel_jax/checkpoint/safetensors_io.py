@@ -49,6 +49,7 @@ import ml_dtypes
 import numpy as np
 
 from apriel_jax import storage
+from apriel_jax.parallel import distributed
 
 __all__ = ["CheckpointError", "SafetensorsFile", "SafetensorsCheckpoint", "TensorSpec",
            "write_safetensors_checkpoint"]
@@ -573,11 +574,16 @@ def write_safetensors_checkpoint(
     marker = _marker(extra, names, index_name)
 
     # new_directory refuses a non-empty out_dir (without overwrite) before anything is written.
-    with storage.new_directory(out, marker=marker, overwrite=overwrite) as tmp:
-        writes = [(fname, lambda fname=fname, shard=shard: _write_shard(tmp / fname, shard, meta, fsync))
-                  for fname, shard in zip(names, shards)]
-        writes += [(name, lambda name=name, data=data: storage.write_bytes(tmp / name, data))
+    hosts = distributed.hosts()
+    with storage.new_directory(out, marker=marker, overwrite=overwrite, hosts=hosts) as tmp:
+        writes = [(fname, lambda fname=fname, shard=shard: _write_shard(tmp / fname, shard, meta, fsync),
+                   shard) for fname, shard in zip(names, shards)]
+        writes += [(name, lambda name=name, data=data: storage.write_bytes(tmp / name, data), [])
                    for name, data in small.items()]
-        for _, write in sorted(writes, key=lambda w: w[0] == marker):  # stable: only the marker moves last
-            write()
+        for _, write, shard in sorted(writes, key=lambda w: w[0] == marker):  # stable: only the marker moves last
+            if hosts.primary:
+                write()
+            else:  # produce() may be a collective (a tensor sharded over processes): take part, write nothing
+                for spec in shard:
+                    spec.produce()
     return index

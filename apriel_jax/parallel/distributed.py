@@ -300,3 +300,77 @@ def check_same_config(cfg) -> None:
     raise ValueError(f"processes disagree on the run config (sha256 of the resolved config JSON): "
                      f"process(es) {differing} differ from process 0: {'; '.join(details)}. Every process "
                      f"must run the same config file and overrides (only distributed.* may differ)")
+
+
+# --- Several processes publishing one result (the stage runner, exports, model directories). ---
+
+class PeerFailed(RuntimeError):
+    """Another process of the job failed at a point where every process meets; this one stops too."""
+
+
+class HostsDisagree(ValueError):
+    """The processes of one job see different states (e.g. of the run directory)."""
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """This process's place in the job, for work where one process writes and the others wait: on a pod
+    every host runs the same command, so markers, summaries and renames are done by process 0 (the
+    primary) while every process takes part in the collective parts (orbax saves, gathers of sharded
+    tensors). At each :meth:`sync` every process reports whether its part failed, so an error on one
+    host stops all of them there instead of leaving the others waiting in the next collective."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def primary(self) -> bool:
+        return self.index == 0
+
+    def sync(self, what: str, error: BaseException | None = None) -> None:
+        """Wait until every process reached this point. A process that arrives with ``error`` re-raises it
+        itself (the caller's ``raise``); the others raise :class:`PeerFailed` naming it."""
+        if self.count == 1:
+            return
+        status = b"" if error is None else (f"{type(error).__name__}: {error}".encode()[:4000] or b"failed")
+        failed = [(p, s.decode(errors="replace")) for p, s in enumerate(allgather_bytes(status)) if s]
+        if failed and error is None:
+            p, message = failed[0]
+            raise PeerFailed(f"process {p} of {self.count} failed while {what}: {message}")
+
+    def on_primary(self, what: str, fn):
+        """``fn()`` on the primary only; every process returns once it is done (its result on the primary,
+        None elsewhere), and an error there is raised on every process."""
+        result, error = None, None
+        if self.primary:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 (re-raised below, after the others have heard of it)
+                error = e
+        self.sync(what, error)
+        if error is not None:
+            raise error
+        return result
+
+    def agree(self, what: str, value) -> None:
+        """Stop every process with one message when the processes see different ``value`` (JSON), e.g.
+        which stages are finished: a host with another view of the storage would run other work."""
+        if self.count == 1:
+            return
+        mine = json.dumps(value, sort_keys=True)
+        views = [b.decode() for b in allgather_bytes(mine.encode())]
+        differing = [p for p, v in enumerate(views) if v != views[0]]
+        if differing:
+            raise HostsDisagree(f"processes disagree on {what}: process 0 sees {views[0][:300]}, process "
+                             f"{differing[0]} sees {views[differing[0]][:300]}; every host must see the same "
+                             "run directory (a shared bucket, not each host's local disk)")
+
+
+def hosts() -> Hosts:
+    """This process's :class:`Hosts` (one process when ``jax.distributed`` was not initialized; asking does
+    not start a JAX backend then)."""
+    import jax
+
+    if not jax.distributed.is_initialized():
+        return Hosts()
+    return Hosts(jax.process_index(), jax.process_count())

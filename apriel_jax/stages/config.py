@@ -3,6 +3,7 @@
 A pipeline config is an ``ml_collections.ConfigDict``::
 
     run_dir    where every stage writes STAGE/run (train run), STAGE/final (model) and STAGE/DONE.json
+    compile_cache    JAX's compilation cache shared by every stage (default: run_dir/compile_cache)
     model      the model config used when the first stage starts from ``init="random"``
     mesh, mesh_dcn, tokenizer, chat_format    shared by every stage (a stage's ``train`` may override)
     order      the stage names in execution order
@@ -21,7 +22,7 @@ A stage names:
 * ``transform``: ``"none"`` or ``"upscale"`` (decoder ``layer_map`` / ``num_layers``, ``identity_init``);
 * ``train``: fields of the run config (:func:`apriel_jax.train.config.train_config`): trainable groups,
   data mixture, sequence length, batch, optimizer and schedule, checkpoint cadence, eval; ``tokens`` (if
-  > 0) sets the length in tokens instead of ``train.steps``;
+  > 0) sets the length in tokens instead of ``train.steps``; ``train.compile_cache`` is the pipeline's;
 * ``finalize``: ``"last"`` (the final checkpoint) or ``"average"`` (equal-weight average of the last
   ``num_checkpoints`` equispaced checkpoints, ``interval`` steps apart);
 * ``kind="merge"`` instead of training: a weighted average of other stages' finals (``merge.stages``,
@@ -72,10 +73,16 @@ def pipeline_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.name = "pipeline"
     cfg.run_dir = "runs/pipeline"
+    # One compilation cache for every stage (apriel_jax.utils.compile_cache): "" = $APRIEL_COMPILE_CACHE or
+    # RUN_DIR/compile_cache; "none" = off; else a directory or gs:// URL. Written into each stage's run config.
+    cfg.compile_cache = ""
     cfg.base = ""  # the checkpoint stages with init="base" start from (HF, Mistral or apriel-jax directory)
     cfg.model = get_preset("tiny")
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
     cfg.mesh_dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1))
+    # Several processes (a pod: every host runs the same command), as for `apriel-jax train`; given to
+    # every stage's run config.
+    cfg.distributed = ml_collections.ConfigDict(train_config().distributed.to_dict())
     cfg.order = []
     cfg.stages = ml_collections.ConfigDict()
     # Written after the last stage: an HF checkpoint (LlavaForConditionalGeneration layout) of its final.

@@ -19,6 +19,12 @@ command skips finished stages and resumes an interrupted one from its latest che
 loop restores the train state and the data iterator, so the resumed run is bit-identical). A stage
 stopped by SIGTERM, by repeated non-finite steps or by a storage failure stops the pipeline with that
 status.
+
+Several processes (a pod: every host runs the same command, ``parallel.distributed``) run every stage
+together on one mesh: each restores, upscales, averages and saves its own shards (host memory stays
+near one parameter group), the export gathers one tensor at a time, and process 0 alone writes markers,
+``DONE.json``, the summary and the plot, with the others waiting for it (``distributed.Hosts``). Before
+starting, the processes check that they see the same finished stages.
 """
 
 from __future__ import annotations
@@ -133,6 +139,7 @@ def stage_train_config(cfg, name: str, init_dir: str | None) -> ml_collections.C
     tcfg.mesh = ml_collections.ConfigDict(cfg.mesh.to_dict())
     tcfg.mesh.update({k: int(v) for k, v in s.mesh.items() if v})
     tcfg.mesh_dcn = ml_collections.ConfigDict(cfg.mesh_dcn.to_dict())
+    tcfg.distributed = ml_collections.ConfigDict(cfg.distributed.to_dict())
     tcfg.init.seed = s.init_seed
     tcfg.init.from_pretrained = init_dir or ""
     tcfg.init.param_dtype, tcfg.init.dtype = cfg.model.param_dtype, cfg.model.dtype
@@ -181,6 +188,13 @@ class Runner:
         self._mesh = None
 
     @property
+    def hosts(self):
+        """This process's place in a multi-process job (asked when needed: after distributed.initialize)."""
+        from apriel_jax.parallel.distributed import hosts
+
+        return hosts()
+
+    @property
     def mesh(self):
         if self._mesh is None:
             from apriel_jax.parallel.mesh import make_mesh
@@ -196,11 +210,15 @@ class Runner:
         # Credentials, buckets and write access before any work (a pod job would otherwise find out
         # after compiling, or only when it writes its first result).
         storage.preflight(write=[self.cfg.run_dir, export_dir(self.cfg)], read=[self.cfg.base])
+        if redo:
+            self.hosts.on_primary("deleting the stages to redo",
+                                  lambda: [storage.remove_tree(stage_paths(self.cfg, n).root) for n in names])
+        # Every host must start from the same view: one that sees another set of finished stages (its own
+        # local disk instead of the shared bucket, a stale listing) would run other work and hang the job.
+        self.hosts.agree("which stages are finished", {n: stage_finished(self.cfg, n) for n in names})
         summaries = []
         for name in names:
             paths = stage_paths(self.cfg, name)
-            if redo:
-                storage.remove_tree(paths.root)
             if stage_finished(self.cfg, name):
                 summary = json.loads(storage.read_text(paths.done))
                 self.log(f"[{name}] finished earlier ({paths.done}): skipped")
@@ -215,7 +233,7 @@ class Runner:
         self.log(f"[{name}] {s.description or s.kind}")
         summary = self._merge(name) if s.kind == "merge" else self._train(name)
         summary["wall_s"] = time.time() - t0  # of this invocation (a resumed stage counts its last part)
-        storage.write_json(paths.done, summary)
+        self.hosts.on_primary(f"writing {paths.done}", lambda: storage.write_json(paths.done, summary))
         self.log(f"[{name}] done in {summary['wall_s']:.0f} s -> {paths.final}")
         return summary
 
@@ -261,6 +279,7 @@ class Runner:
     def _train(self, name: str) -> dict:
         from apriel_jax.train.loop import train
         from apriel_jax.train.optimizer import trainable_param_counts
+        from apriel_jax.train.task_eval import task_summary
 
         s, paths = self.cfg.stages[name], stage_paths(self.cfg, name)
         init_dir = self._init_dir(name)
@@ -284,15 +303,12 @@ class Runner:
         entries = _read_metrics(paths.run)
         loss = _first_last(entries, "train", "loss")
         eval_loss = _first_last(entries, "eval", "loss")
-        counting = _first_last(entries, "eval", "counting_accuracy")
-        majority = _first_last(entries, "eval", "counting_majority_baseline")[1]
         trainable, frozen = trainable_param_counts(model_cfg, tuple(tcfg.trainable))
         return dict(stage=name, kind="train", init=init_dir or "random", steps=int(result["step"]),
                     tokens=int(result["step"]) * tcfg.data.global_batch * tcfg.data.seq_len,
                     trainable_params=trainable, frozen_params=frozen, loss_start=loss[0], loss_end=loss[1],
                     eval_loss_start=eval_loss[0], eval_loss_end=eval_loss[1],
-                    counting_accuracy_start=counting[0], counting_accuracy_end=counting[1],
-                    counting_majority_baseline=majority,
+                    tasks=task_summary(entries),
                     averaged_steps=steps, final=str(paths.final))
 
     def _merge(self, name: str) -> dict:
@@ -330,8 +346,9 @@ class Runner:
             raise FileNotFoundError(f"the last stage {last_name!r} has not finished; nothing to export")
         if self._exported_from(out) == str(last.final):
             return out
-        orbax_to_hf(last.final, out, dtype=self.cfg.export.dtype or None, overwrite=True)
-        storage.write_json(out / EXPORT_STAMP, {"source": str(last.final)})
+        orbax_to_hf(last.final, out, dtype=self.cfg.export.dtype or None, overwrite=True, mesh=self.mesh)
+        self.hosts.on_primary(f"writing {out / EXPORT_STAMP}",
+                              lambda: storage.write_json(out / EXPORT_STAMP, {"source": str(last.final)}))
         self.log(f"exported {last.final} -> {out} (Hugging Face LlavaForConditionalGeneration)")
         return out
 

@@ -66,8 +66,16 @@ def _check_destination(out, marker: str, overwrite: bool) -> None:
         raise FileExistsError(f"{out}: exists and is not empty{hint}; allow overwriting to replace it")
 
 
+def _hosts(hosts):
+    if hosts is not None:
+        return hosts
+    from apriel_jax.parallel.distributed import hosts as current_hosts
+
+    return current_hosts()
+
+
 @contextlib.contextmanager
-def new_directory(out_dir, *, marker: str, overwrite: bool = False):
+def new_directory(out_dir, *, marker: str, overwrite: bool = False, hosts=None):
     """Yield the location to write a new directory's files into; they become visible at ``out_dir``
     together, and ``out_dir`` is trusted only with its ``marker`` file, which the body writes **last**.
 
@@ -80,36 +88,49 @@ def new_directory(out_dir, *, marker: str, overwrite: bool = False):
       that is killed leaves objects without a marker, which readers refuse and the next write clears.
 
     A non-empty ``out_dir`` is an error unless ``overwrite``. On exit the marker must exist.
-    """
-    out = location(out_dir)
-    _check_destination(out, marker, overwrite)
-    if is_remote(out):
-        with storage_errors(out, "write"):
-            if (out / marker).exists():
-                (out / marker).unlink()
-        remove_tree(out)
-        try:
-            yield out
-            with storage_errors(out, "read"):
-                if not (out / marker).exists():
-                    raise RuntimeError(f"{out}: the writer finished without writing its marker {marker}")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                remove_tree(out)
-            raise
-        return
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial"
-    remove_tree(partial)
-    partial.mkdir()
+    Several processes of one job (``hosts``: :class:`apriel_jax.parallel.distributed.Hosts`, by default
+    this process's) enter together: the primary alone clears, checks and renames, the body runs on every
+    process (each writes its part, e.g. its orbax shards; the primary writes the single files and the
+    marker), and every process leaves once the directory is published.
+    """
+    hosts = _hosts(hosts)
+    out = location(out_dir)
+    _check_destination(out, marker, overwrite)  # every process: same storage, same verdict
+    remote = is_remote(out)
+    target = out if remote else out.parent / f".{out.name}.partial"
+
+    def prepare():
+        if remote:
+            with storage_errors(out, "write"):
+                if (out / marker).exists():
+                    (out / marker).unlink()
+            remove_tree(out)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_tree(target)
+            target.mkdir()
+
+    def publish():
+        with storage_errors(out, "read"):
+            if not (target / marker).exists():
+                raise RuntimeError(f"{out}: the writer finished without writing its marker {marker}")
+        if not remote:
+            _install(target, out, marker, overwrite)
+
+    hosts.on_primary(f"preparing {out}", prepare)
     try:
-        yield partial
-        if not (partial / marker).exists():
-            raise RuntimeError(f"{out}: the writer finished without writing its marker {marker}")
-        _install(partial, out, marker, overwrite)
+        try:
+            yield target
+        except Exception as e:
+            hosts.sync(f"writing {out}", e)  # the other processes stop here too, naming this error
+            raise
+        hosts.sync(f"writing {out}")
+        hosts.on_primary(f"publishing {out}", publish)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if hosts.primary:
+            with contextlib.suppress(Exception):
+                remove_tree(target)
         raise
 
 

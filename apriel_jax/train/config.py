@@ -70,6 +70,9 @@ def source(name: str, kind: str, paths=(), weight: float = 1.0, **options) -> di
 def train_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.run_dir = "runs/train"  # checkpoints/, metrics.jsonl and tensorboard/ go here
+    # JAX's persistent compilation cache (apriel_jax.utils.compile_cache): "" = $APRIEL_COMPILE_CACHE or
+    # RUN_DIR/compile_cache; "none" = off; else a directory or gs:// URL. A restarted run skips compiling.
+    cfg.compile_cache = ""
     cfg.model = get_preset("tiny")
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
     # Cross-slice (DCN) degrees for multi-slice TPU runs; their product is the number of slices.
@@ -123,9 +126,11 @@ def train_config() -> ml_collections.ConfigDict:
         batches=2,
         sources=[],  # held-out sources; empty = the training sources under eval.seed (NOT held out)
         seed=1234,
-        # Held-out synthetic counting questions answered by greedy generation at each evaluation
-        # (needs data.tokenizer and a patch budget); 0 = off.
-        counting_samples=0,
+        # Held-out synthetic visual questions per task in eval.tasks, answered by greedy generation at each
+        # evaluation with the real images and with blank ones (apriel_jax/train/task_eval.py; needs
+        # data.tokenizer and a patch budget); 0 = off.
+        task_samples=0,
+        tasks=["counting"],
     ))
     cfg.log = ml_collections.ConfigDict(dict(
         every=1, tensorboard=True, wandb=False, wandb_project="apriel-jax", console=True,
@@ -198,7 +203,7 @@ _NUMBER_RANGES = (
     ("debug.step_sleep_s", 0.0, math.inf, True),
 )
 _AT_LEAST = (("checkpoint.save_every", 1), ("checkpoint.keep_last", 1), ("checkpoint.keep_every", 0),
-             ("eval.every", 0), ("eval.batches", 1), ("eval.counting_samples", 0), ("log.every", 1))
+             ("eval.every", 0), ("eval.batches", 1), ("eval.task_samples", 0), ("log.every", 1))
 
 
 def _number_problems(cfg) -> list[str]:

@@ -23,7 +23,9 @@ Storage: ``run_dir`` and ``checkpoint.dir`` may be local or ``gs://`` (``apriel_
 anything is built, ``setup`` checks that they can be written and that ``init.from_pretrained`` can be
 read (credentials, bucket, permission), so those mistakes cost no compile time. The data files each
 source names are expanded once (globs, prepared directories) and recorded in every checkpoint's run
-config; a resumed run reads the recorded files.
+config; a resumed run reads the recorded files. Compiled programs go to JAX's persistent cache
+(``compile_cache``, default ``RUN_DIR/compile_cache``; ``apriel_jax.utils.compile_cache``), so a resumed
+run reads them back instead of compiling.
 
 Several processes (``apriel_jax.parallel.distributed``): every process runs ``train(cfg)`` with the same
 config (checked); each packs only the rows of the global batch its devices hold, and the global batch is
@@ -55,7 +57,7 @@ from apriel_jax.data.errors import DataError
 from apriel_jax.model import create_model
 from apriel_jax.parallel import distributed
 from apriel_jax.parallel.mesh import make_mesh
-from apriel_jax.train.task_eval import CountingEval
+from apriel_jax.train.task_eval import TaskEval
 from apriel_jax.parallel.rules import logical_to_spec
 from apriel_jax.train import inputs
 from apriel_jax.train.checkpointing import RunCheckpointer, abstract_like
@@ -65,6 +67,7 @@ from apriel_jax.train.loss import chunked_cross_entropy
 from apriel_jax.train.metrics import MetricsWriter, mfu, progress_line
 from apriel_jax.train.optimizer import cosine, linear_decay, make_optimizer
 from apriel_jax.train.step import init_train_state, lm_kernel, make_train_step
+from apriel_jax.utils import compile_cache
 from apriel_jax.utils.config_cli import config_to_json
 
 
@@ -116,6 +119,7 @@ def setup(cfg):
     distributed.initialize(cfg)  # before any JAX backend use; a no-op for one process or once initialized
     distributed.check_same_config(cfg)
     storage.preflight(write=[cfg.run_dir, checkpoint_dir(cfg)], read=[cfg.init.from_pretrained])
+    compile_cache.configure_for_run(cfg)  # before the first compile: JAX opens the cache then
     mesh = make_mesh({k: int(v) for k, v in cfg.mesh.items()},
                      dcn_degrees={k: int(v) for k, v in cfg.mesh_dcn.items()})
     _check_batch(cfg, mesh)
@@ -243,10 +247,10 @@ def _writer(cfg) -> MetricsWriter:
                          remote_flush_s=cfg.log.remote_flush_s)
 
 
-def _evaluate_and_log(cfg, run, eval_step, counting, writer, step: int) -> float:
+def _evaluate_and_log(cfg, run, eval_step, task_eval, writer, step: int) -> float:
     scores = {"loss": evaluate(cfg, run, eval_step)["loss"]}
-    if counting is not None:
-        scores.update(counting(run.graphdef, run.state.params, run.state.frozen))
+    if task_eval is not None:
+        scores.update(task_eval(run.graphdef, run.state.params, run.state.frozen))
     writer.write(step, scores, split="eval")
     writer.print(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     return scores["loss"]
@@ -305,11 +309,11 @@ def train(cfg) -> dict:
     rows_log = (storage.AppendLog(_host_dir(cfg) / "rows.jsonl", upload_every_s=float("inf"))
                 if cfg.debug.log_rows else None)
     eval_step = make_eval_step(run) if cfg.eval.every else None
-    counting = None
-    if cfg.eval.every and cfg.eval.counting_samples:
+    task_eval = None
+    if cfg.eval.every and cfg.eval.task_samples:
         if not cfg.data.tokenizer or not cfg.data.patch_budget:
-            raise ValueError("eval.counting_samples needs data.tokenizer and a data.patch_budget > 0")
-        counting = CountingEval(cfg, cfg.eval.counting_samples)
+            raise ValueError("eval.task_samples needs data.tokenizer and a data.patch_budget > 0")
+        task_eval = TaskEval(cfg, cfg.eval.tasks, cfg.eval.task_samples)
     devices = run.mesh.devices.flatten()
     device_kind, platform = devices[0].device_kind, devices[0].platform
     tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
@@ -322,7 +326,7 @@ def train(cfg) -> dict:
         with _Preemption() as preemption:
             if eval_step is not None and cfg.eval.at_start and step == 0:
                 with failure.catch():
-                    eval_loss = _evaluate_and_log(cfg, run, eval_step, counting, writer, step)
+                    eval_loss = _evaluate_and_log(cfg, run, eval_step, task_eval, writer, step)
                 if failure.agreed():
                     status = "io_error"
             while status == "completed" and step < cfg.steps:
@@ -364,7 +368,7 @@ def train(cfg) -> dict:
                     bad_data = _skip_fraction_problem(cfg, health)
                 if eval_step is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
                     with failure.catch():
-                        eval_loss = _evaluate_and_log(cfg, run, eval_step, counting, writer, step)
+                        eval_loss = _evaluate_and_log(cfg, run, eval_step, task_eval, writer, step)
                     if failure.agreed():
                         status = "io_error"
                         break
