@@ -43,8 +43,9 @@ exit codes:
   records skipped (saved); 74 storage failed mid-stage (saved checkpoints kept, rerun to resume); 2 bad
   config, no access to the storage, processes started with different configs or seeing different
   finished stages; 69 a process never reached the coordinator. A process that dies (SIGKILL, a lost host)
-  takes the others down once JAX's coordination service misses its heartbeats (100 s): they abort with
-  SIGABRT (134); rerun the same command everywhere to resume.
+  takes the others down once JAX's coordination service misses its heartbeats
+  (distributed.heartbeat_timeout_s, 100 s): they abort with SIGABRT (134); rerun the same command everywhere
+  to resume.
 """
 
 

@@ -126,7 +126,8 @@ def test_a_killed_process_stops_the_job_and_the_rerun_exports_the_same_weights(m
     assert single.wait() == [0], single.outputs()
 
     run = tmp_path / "pod"
-    killed = pipeline(mini_config, run, 2, 1, "--config.stages.upscale.train.debug.step_sleep_s=1.5")
+    killed = pipeline(mini_config, run, 2, 1, "--config.stages.upscale.train.debug.step_sleep_s=1.5",
+                      "--config.distributed.heartbeat_timeout_s=10")  # JAX's default is 100 s
     ckpt = run / "upscale" / "run" / "checkpoints"
     deadline = time.monotonic() + TIMEOUT_S
     while not (ckpt / "2").is_dir():
@@ -136,7 +137,7 @@ def test_a_killed_process_stops_the_job_and_the_rerun_exports_the_same_weights(m
         time.sleep(0.2)
     killed.procs[1].send_signal(signal.SIGKILL)
     t_kill = time.monotonic()
-    codes = killed.wait(timeout=300)  # process 0 must not wait forever for its dead peer
+    codes = killed.wait(timeout=120)  # process 0 must not wait forever for its dead peer
     print(f"process 0 stopped {time.monotonic() - t_kill:.0f} s after process 1 was killed, exit {codes[0]}")
     assert codes[1] == -signal.SIGKILL
     assert codes[0] != 0, killed.output(0)

@@ -104,6 +104,7 @@ def delete_bucket(name: str) -> None:
     fs = gcs.filesystem()
     deadline = time.monotonic() + 60  # the server may first wait out the stopped run's open request
     while time.monotonic() < deadline:
+        fs.invalidate_cache()  # a listing cached before the stopped run's last upload landed would miss it
         try:
             fs.rm(name, recursive=True)
             return

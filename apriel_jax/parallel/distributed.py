@@ -62,6 +62,7 @@ class Options:
     process_id: int = -1
     port: int = DEFAULT_PORT
     initialization_timeout_s: int = 300
+    heartbeat_timeout_s: int = 100
     cpu_collectives: str = "gloo"
 
     @classmethod
@@ -219,12 +220,15 @@ def initialize(cfg_or_options=None, environ: Mapping[str, str] | None = None) ->
     timeout = int(opts.initialization_timeout_s)
     done = _watchdog(plan, timeout)
     try:
+        # A process that dies (SIGKILL, a lost host) is noticed when it misses heartbeats for this long:
+        # then the coordination service takes every other process down with it.
+        deadlines = dict(initialization_timeout=timeout + _JAX_DEADLINE_MARGIN_S,
+                         heartbeat_timeout_seconds=int(opts.heartbeat_timeout_s))
         if plan.mode == "tpu":
-            jax.distributed.initialize(initialization_timeout=timeout + _JAX_DEADLINE_MARGIN_S)
+            jax.distributed.initialize(**deadlines)
         else:
             jax.distributed.initialize(plan.coordinator, plan.num_processes, plan.process_id,
-                                       cluster_detection_method="deactivate",
-                                       initialization_timeout=timeout + _JAX_DEADLINE_MARGIN_S)
+                                       cluster_detection_method="deactivate", **deadlines)
     except RuntimeError as e:
         if "must be called before" in str(e):
             raise RuntimeError("apriel_jax.parallel.distributed.initialize must run before any other JAX use "

@@ -154,6 +154,7 @@ def train_config() -> ml_collections.ConfigDict:
         process_id=-1,  # -1 = from the environment
         port=8476,  # coordinator port when the host comes from SLURM's node list
         initialization_timeout_s=300,  # then exit 69 naming the coordinator (a process is missing)
+        heartbeat_timeout_s=100,  # a process silent this long is dead: the others abort (SIGABRT) then
         cpu_collectives="gloo",  # cross-process collectives of CPU devices ("" = JAX's default: none)
     ))
     # Slows every step down by this many seconds: lets tests interrupt a run at a chosen step.
