@@ -30,7 +30,7 @@ from apriel_jax.data.images import ImageConfig
 from apriel_jax.data.prompt import prompt_batch
 from apriel_jax.data.records import resolve_tokenizer_path
 from apriel_jax.data.synthetic import CATEGORIES, COLORS, TaskMixture
-from apriel_jax.data.synthetic.metrics import parse_count, parse_label
+from apriel_jax.data.synthetic.metrics import counting_accuracy, label_accuracy
 from apriel_jax.data.tokenizer import load_tokenizer
 from apriel_jax.model.generate import SamplingConfig, generate
 from apriel_jax.train.inputs import synthetic_image_size
@@ -38,11 +38,11 @@ from apriel_jax.train.inputs import synthetic_image_size
 HELD_OUT_START = 10**9  # training reads synthetic samples from index 0 upwards
 BLANK = (128, 128, 128)  # the blind control's image: mid-grey, inside the scenes' background range
 
-# task -> (key of the true answer in the generator's structured answer, parser of a model's answer)
+# task -> (key of the true answer in the generator's structured answer, accuracy of a model's answers)
 SCORED_TASKS = {
-    "counting": ("count", parse_count),
-    "color": ("color", partial(parse_label, labels=tuple(COLORS))),
-    "shape": ("category", partial(parse_label, labels=CATEGORIES)),
+    "counting": ("count", counting_accuracy),
+    "color": ("color", partial(label_accuracy, labels=tuple(COLORS))),
+    "shape": ("category", partial(label_accuracy, labels=CATEGORIES)),
 }
 
 
@@ -92,10 +92,9 @@ class TaskEval:
         outputs = iter(parse_response(text).answer for text in texts)
         scores = {}
         for task in self.tasks:
-            parse, truth = SCORED_TASKS[task][1], self.answers[task]
+            accuracy, truth = SCORED_TASKS[task][1], self.answers[task]
             for metric in ("accuracy", "blind_accuracy"):  # the order the prompts were built in
-                said = [parse(next(outputs)) for _ in truth]
-                scores[f"{task}_{metric}"] = sum(s == t for s, t in zip(said, truth)) / max(1, len(truth))
+                scores[f"{task}_{metric}"] = accuracy([next(outputs) for _ in truth], truth)
             scores[f"{task}_majority_baseline"] = majority_baseline(truth)
         return scores
 
