@@ -15,10 +15,12 @@ Notes on the extras:
   build of that exact release is available locally; any looser requirement can
   make pip download a multi-GB CUDA build from PyPI instead.  torchvision is
   intentionally absent (it does not import beside torch 2.13).
-* ``test`` also installs ``libtpu`` so that TPU ahead-of-time compilation can
-  be exercised on a CPU-only host.  It is pinned to the release validated with
-  jaxlib 0.10.x.  Do not combine ``test`` with ``tpu`` on jax 0.10.x:
-  ``jax[tpu]==0.10.2`` pins a different libtpu release (0.0.42.*).
+* ``test`` installs ``jax[tpu]`` (on Linux), i.e. the libtpu release that the
+  installed jax pins for TPU pods (0.0.42.* for jax 0.10.2), so that TPU
+  ahead-of-time compiles on a CPU-only host (``apriel-jax aot``, the AOT tests)
+  use the very compiler a pod installed with ``.[tpu]`` runs. A newer libtpu
+  compiles too, but its HLO is unreadable by the older jaxlib
+  (``compiled.as_text()`` fails), and its memory figures differ.
 * ``cuda`` / ``cuda12`` install the CUDA 12 jax plugin, ``cuda13`` the CUDA 13
   one.
 """
@@ -83,10 +85,11 @@ NOTEBOOK_KERNEL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8.0,<10",
+        "pytest-xdist>=3.6,<4",  # `make test` runs two test files at a time
         "transformers>=5.0,<6",
         # Exact pin on purpose: see the module docstring.
         "torch==2.13.0",
-        'libtpu>=0.0.52,<0.0.53; platform_system == "Linux"',
+        f'jax[tpu]{JAX_RANGE}; platform_system == "Linux"',
         # A GCS JSON API server on loopback: the gs:// tests run against it (tests/gcs_server.py).
         "gcp-storage-emulator>=2024.8",
         *NOTEBOOK_KERNEL_REQUIRES,

@@ -4,7 +4,9 @@ Nothing runs and no TPU is needed: libtpu describes the topology (``jax.experime
 train state and batch are abstract arrays sharded over that topology's mesh, and XLA compiles the step
 exactly as it would on the pod. The report gives per-chip HBM use (arguments: parameters, optimizer
 state and batch shards; temporaries: activations and scratch; peak) against the chip's capacity, the
-compile time, and XLA's FLOP count against the analytic model FLOPs.
+compile time, and XLA's FLOP count against the analytic model FLOPs; then each step's communication:
+the bytes per chip of every all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute,
+with loop trip counts multiplied in (``apriel_jax.parallel.collectives``).
 
 CONFIG is a pipeline config (every training stage, or ``--stage``) or a train config.
 """
@@ -40,6 +42,8 @@ def add_parser(commands, debug, fmt) -> None:
     p.add_argument("--num-slices", type=int, default=0,
                    help="slices of the topology (default: the product of the config's mesh_dcn degrees)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON (local or gs://)")
+    p.add_argument("--hlo", metavar="DIR", help="also write each stage's optimized HLO module to DIR/STAGE.hlo.txt "
+                                                "(local or gs://)")
     p.set_defaults(handler=_run)
 
 
@@ -67,27 +71,36 @@ def stage_cases(cfg, stages: list[str] | None) -> list[tuple[str, object, object
     return cases
 
 
-def compile_case(model_cfg, tcfg, topology: str, num_slices: int) -> dict:
+def compile_case(model_cfg, tcfg, topology: str, num_slices: int, hlo_path: str | None = None) -> dict:
+    """One stage's row of the report; with ``hlo_path`` the optimized HLO module is written there."""
     from apriel_jax.parallel.aot import hbm_per_chip
     from apriel_jax.train.aot import compile_train_step
     from apriel_jax.train.loop import optimizer_from_config
+    from apriel_jax.train.optimizer import trainable_for_step
 
     degrees = {k: int(v) for k, v in tcfg.mesh.items()}
     dcn = {k: int(v) for k, v in tcfg.mesh_dcn.items()}
     slices = num_slices or max(1, math.prod(dcn.values()))
     report, model_flops = compile_train_step(
         model_cfg, optimizer_from_config(tcfg), topology, degrees, batch=tcfg.data.global_batch, seq=tcfg.data.seq_len,
-        patches=tcfg.data.patch_budget, trainable=tuple(tcfg.trainable), grad_accum_steps=tcfg.grad_accum_steps,
-        chunk_size=tcfg.chunk_size, num_slices=slices, dcn_degrees=dcn if slices > 1 else None)
+        patches=tcfg.data.patch_budget, trainable=trainable_for_step(tcfg.trainable, tcfg.data.patch_budget),
+        grad_accum_steps=tcfg.grad_accum_steps, chunk_size=tcfg.chunk_size,
+        lm_head_grad_dtype=tcfg.lm_head_grad_dtype or None, num_slices=slices, dcn_degrees=dcn if slices > 1 else None)
     hbm = hbm_per_chip(topology)
-    return dict(topology=topology, slices=slices, chips=report.chips, mesh=report.mesh_shape,
-                batch=tcfg.data.global_batch, seq=tcfg.data.seq_len, patches=tcfg.data.patch_budget,
-                remat=model_cfg.remat_policy, attention=model_cfg.attention_impl,
-                argument_gb=report.argument_bytes / 1e9, temp_gb=report.temp_bytes / 1e9,
-                peak_gb=report.peak_bytes / 1e9, hbm_gb=None if hbm is None else hbm / 1e9,
-                hbm_use=None if hbm is None else report.peak_bytes / hbm,
-                xla_tflop_per_chip=None if report.flops is None else report.flops / 1e12,
-                model_tflop_per_chip=model_flops / 1e12, compile_s=report.compile_seconds)
+    row = dict(topology=topology, slices=slices, chips=report.chips, mesh=report.mesh_shape,
+               batch=tcfg.data.global_batch, seq=tcfg.data.seq_len, patches=tcfg.data.patch_budget,
+               remat=model_cfg.remat_policy, attention=model_cfg.attention_impl,
+               argument_gb=report.argument_bytes / 1e9, temp_gb=report.temp_bytes / 1e9,
+               peak_gb=report.peak_bytes / 1e9, hbm_gb=None if hbm is None else hbm / 1e9,
+               hbm_use=None if hbm is None else report.peak_bytes / hbm,
+               xla_tflop_per_chip=None if report.flops is None else report.flops / 1e12,
+               model_tflop_per_chip=model_flops / 1e12, compile_s=report.compile_seconds,
+               collectives=report.collectives, **({"hlo_error": report.hlo_error} if report.hlo_error else {}))
+    if hlo_path and report.hlo_text is not None:
+        from apriel_jax import storage
+
+        storage.write_text(hlo_path, report.hlo_text)
+    return row
 
 
 def format_row(name: str, r: dict) -> str:
@@ -101,6 +114,23 @@ def format_row(name: str, r: dict) -> str:
             f"{r['patches']:>6} {r['remat']:>5} {r['argument_gb']:8.1f} {r['temp_gb']:8.1f} {r['peak_gb']:8.1f} "
             f"{(r['hbm_gb'] or 0):6.0f} {use:>5} {fits:>4} {r['model_tflop_per_chip']:9.1f} {xla:>7} "
             f"{r['compile_s']:8.0f}")
+
+
+def print_collectives(rows: dict) -> None:
+    """The second table: per chip and step, GB moved by each kind of collective (and how many ops)."""
+    from apriel_jax.parallel.collectives import KINDS
+
+    print("\ncollectives per chip per step, GB (ops), loop trip counts multiplied in:")
+    print(f"{'stage':11} " + " ".join(f"{k:>20}" for k in (*KINDS, "total")))
+    for name, row in rows.items():
+        found = row.get("collectives")
+        if not found:
+            print(f"{name:11} {row.get('hlo_error') or row.get('error') or 'no HLO'}")
+            continue
+        cells = [f"{found[k]['gb']:.2f} ({found[k]['ops']})" for k in (*KINDS, "total")]
+        print(f"{name:11} " + " ".join(f"{c:>20}" for c in cells))
+        if found.get("loops_counted_once"):
+            print(f"{'':11} ({found['loops_counted_once']} loop(s) without a readable trip count counted once)")
 
 
 HEADER = (f"{'stage':11} {'topology':11} {'chips':>5} {'mesh':18} {'batch x seq':>12} {'patch':>6} "
@@ -128,7 +158,8 @@ def _run(args, overrides: list[str]) -> int:
     rows, ok = {}, True
     for name, model_cfg, tcfg in cases:
         try:
-            row = compile_case(model_cfg, tcfg, topology, args.num_slices)
+            hlo_path = f"{args.hlo.rstrip('/')}/{name}.hlo.txt" if args.hlo else None
+            row = compile_case(model_cfg, tcfg, topology, args.num_slices, hlo_path)
         except Exception as e:  # an out-of-memory or sharding error at compile time is a result too
             if args.debug:
                 raise
@@ -136,6 +167,7 @@ def _run(args, overrides: list[str]) -> int:
         ok = ok and "error" not in row and (row["hbm_use"] is None or row["hbm_use"] <= HEADROOM)
         rows[name] = row
         print(format_row(name, row), flush=True)
+    print_collectives(rows)
     if args.json:
         from apriel_jax import storage
 

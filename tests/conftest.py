@@ -73,6 +73,13 @@ def _configure_environment() -> None:
 
 _configure_environment()
 
+# This process's own compiles use the session's cache from the start too (a train or pipeline run in it
+# would turn it on only from then): the many tests that initialise the same tiny model or compile the
+# same step read the program back instead of compiling it again.
+from apriel_jax.utils import compile_cache as _compile_cache  # noqa: E402
+
+_compile_cache.configure(_compile_cache.resolve("", "."))
+
 # grain (and other absl-based libraries) read absl flags at import/run time and
 # raise UnparsedFlagAccessError when pytest, not absl.app, owns the command
 # line.  Marking the flags as parsed makes them fall back to their defaults.

@@ -11,6 +11,10 @@ and the ``ifGenerationMatch`` / ``ifGenerationNotMatch`` preconditions are answe
 tensorstore (orbax's OCDBT checkpoints) relies on both: it commits a checkpoint's manifest with a
 conditional write on the generation it last read, and without the header it reads generation 0 and
 fails with "Malformed StorageGeneration".
+
+Deleting an empty bucket succeeds while upload sessions into it are still open, as on GCS, where an
+unfinished upload is not an object (the emulator answers 409 until every session ends, which a paused
+client never does).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from gcp_storage_emulator.storage import Storage
 FORBIDDEN_BUCKET = "forbidden"
 _OBJECT = re.compile(r"^(?:/download)?(?:/storage/v1)?/b/(?P<bucket>[^/]+)/o/(?P<name>.+)$")
 _UPLOAD = re.compile(r"^/upload/storage/v1/b/(?P<bucket>[^/]+)/o$")
+_BUCKET = re.compile(r"^(?:/storage/v1)?/b/(?P<bucket>[^/]+)/?$")
 
 
 class Handler(RequestHandler):
@@ -112,8 +117,14 @@ class Handler(RequestHandler):
             super().do_PUT()
 
     def do_DELETE(self):
-        if not self._forbidden():
-            super().do_DELETE()
+        if self._forbidden():
+            return
+        match = _BUCKET.match(urlsplit(self.path).path)
+        if match and not self.storage.objects.get(match["bucket"]):
+            for upload_id, upload in list(self.storage.resumable.items()):
+                if upload.get("bucket") == match["bucket"]:
+                    self.storage.delete_resumable_file_obj(upload_id)
+        super().do_DELETE()
 
     def do_PATCH(self):
         if not self._forbidden():

@@ -19,7 +19,8 @@ from apriel_jax.model.factory import param_path
 from apriel_jax.parallel.mesh import make_mesh
 from apriel_jax.train.loss import chunked_cross_entropy
 from apriel_jax.train.optimizer import (
-    Optimizer, cosine, linear_decay, make_optimizer, split_trainable, trainable_filter, weight_decay_mask,
+    Optimizer, cosine, linear_decay, make_optimizer, split_trainable, trainable_filter, trainable_for_step,
+    weight_decay_mask,
 )
 from apriel_jax.train.step import init_train_state, make_train_step, single_device_mesh
 
@@ -148,6 +149,42 @@ def test_chunked_loss_matches_naive_values_and_gradients():
     assert vocab_shapes and max(math.prod(d) for d in vocab_shapes) <= b * 8 * v
 
 
+def test_chunked_loss_on_a_mesh_gathers_the_head_once_and_matches_naive(mesh8):
+    """Rows over fsdp, the head over (fsdp, tensor): values and gradients equal the unsharded naive loss,
+    and the compiled gradient gathers the head once and reduces its gradient once (no collective on
+    the head inside the chunk loops)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from apriel_jax.parallel.collectives import collectives_per_step
+
+    rng = np.random.default_rng(1)
+    b, s, e, v = 8, 37, 16, 50
+    hidden = jnp.asarray(rng.normal(size=(b, s, e)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(e, v)) * 0.3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, s)), jnp.int32)
+    mask = jnp.asarray(rng.random((b, s)) < 0.7, jnp.float32)
+
+    def naive(h, k):
+        logits = h @ k
+        lse = jax.nn.logsumexp(logits, -1)
+        return jnp.sum((lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]) * mask)
+
+    def chunked(h, k):
+        return chunked_cross_entropy(h, k, targets, mask, chunk_size=8)[0]
+
+    h8 = jax.device_put(hidden, NamedSharding(mesh8, P("fsdp", None, None)))
+    k8 = jax.device_put(kernel, NamedSharding(mesh8, P("fsdp", "tensor")))
+    grad = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))
+    with jax.set_mesh(mesh8):
+        value, got = grad(h8, k8)
+        hlo = grad.lower(h8, k8).compile().as_text()
+    np.testing.assert_allclose(value, naive(hidden, kernel), rtol=1e-6)
+    for g, w in zip(got, jax.grad(naive, argnums=(0, 1))(hidden, kernel)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    head = [op for op in collectives_per_step(hlo).ops if op.shape[-2:] == (e, v // 2) or op.shape == (e, v)]
+    assert sorted(op.per_step for op in head) == [1, 1], [(op.kind, op.shape, op.per_step) for op in head]
+
+
 # ------------------------------------------------------------------------------------- schedules
 
 
@@ -260,6 +297,29 @@ def test_frozen_groups_get_no_update_and_no_optimizer_state(cfg, model, graphdef
     for k, v in frozen_before.items():
         np.testing.assert_array_equal(frozen_after[k], v, err_msg=k)
     assert all(not np.array_equal(trainable_after[k], v) for k, v in trainable_before.items() if "kernel" in k)
+
+
+def test_text_only_steps_hold_no_state_for_the_image_parts(cfg, model, graphdef, optimizer):
+    """A step without images never runs the vision tower or the projector: they are frozen there (no
+    optimizer moments, no weight decay) unless images can reach them."""
+    text_only = trainable_for_step(("all",), patch_budget=0)
+    _, state = init_train_state(model, optimizer, trainable=text_only)
+    trained, frozen = host(state.params), host(state.frozen)
+    assert trained and all(k.startswith("decoder/") for k in trained)
+    assert {k.split("/")[0] for k in frozen} == {"vision", "projector"}
+    moments = sum(x.size for name in ("mu", "nu")
+                  for x in jax.tree.leaves(optax.tree_utils.tree_get(state.opt_state, name)))
+    assert moments == 2 * sum(v.size for v in trained.values())
+    step = make_train_step(cfg, graphdef, optimizer, single_device_mesh(), trainable=text_only, chunk_size=12)
+    text_batch = {k: v for k, v in make_batch(cfg, seed=6).items() if not k.startswith("patch")}
+    state, (m,) = run(step, state, [text_batch])
+    assert m["skipped"] == 0 and m["grad_norm"] > 0
+    for k, v in frozen.items():
+        np.testing.assert_array_equal(host(state.frozen)[k], v, err_msg=k)
+
+    assert trainable_for_step(("all",), patch_budget=64) == ("all",)
+    with pytest.raises(ValueError, match="never runs the vision tower or the projector"):
+        init_train_state(model, optimizer, trainable=trainable_for_step(("projector",), patch_budget=0))
 
 
 def test_non_finite_loss_skips_the_update(cfg, model, optimizer, step1):

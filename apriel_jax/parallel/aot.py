@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from jax.sharding import Mesh
 
+from apriel_jax.parallel.collectives import collectives_per_step
 from apriel_jax.parallel.mesh import make_mesh
 
 # HBM per chip in bytes (vendor figures), by topology-name prefix.
@@ -58,6 +59,11 @@ class CompileReport:
     flops: float | None  # per chip, from XLA's cost analysis
     compile_seconds: float
     mesh_shape: dict = field(default_factory=dict)  # axis name -> size of the mesh compiled for
+    # Per step: {kind: {"ops", "gb"}} (parallel.collectives) and "loops_counted_once"; None when the HLO
+    # text was unreadable.
+    collectives: dict | None = None
+    hlo_error: str | None = None  # why the optimized HLO could not be read
+    hlo_text: str | None = field(default=None, repr=False)  # the optimized HLO module
 
     @property
     def peak_bytes(self) -> int:
@@ -79,4 +85,16 @@ def report(compiled, topology: str, chips: int, compile_seconds: float) -> Compi
         argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
         flops=float(flops) if flops is not None else None, compile_seconds=compile_seconds,
+        **_collectives(compiled),
     )
+
+
+def _collectives(compiled) -> dict:
+    try:  # jaxlib must parse the module libtpu returns: it fails when the two are not a matched pair
+        text = compiled.as_text()
+    except Exception as e:  # noqa: BLE001 - reported beside the memory figures, which are still right
+        reason = str(e).splitlines()[0][:200]
+        return dict(hlo_error=f"the compiled HLO is unreadable (a jaxlib/libtpu mismatch?): {reason}")
+    found = collectives_per_step(text)
+    totals = {k: {"ops": v["ops"], "gb": round(v["gb"], 4)} for k, v in found.totals().items()}
+    return dict(hlo_text=text, collectives=dict(totals, loops_counted_once=len(found.unknown_loops)))

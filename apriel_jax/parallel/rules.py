@@ -43,7 +43,8 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules=DEFAULT_RULES)
     return PartitionSpec(*spec)
 
 
-def _mesh_degree(entry, mesh: Mesh) -> int:
+def mesh_degree(entry, mesh) -> int:
+    """How many devices a PartitionSpec entry (a mesh axis, a tuple of them or None) splits a dimension over."""
     if entry is None:
         return 1
     names = (entry,) if isinstance(entry, str) else entry
@@ -52,7 +53,7 @@ def _mesh_degree(entry, mesh: Mesh) -> int:
 
 def check_divisible(path: str, shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> None:
     for dim, (size, entry) in enumerate(zip(shape, spec)):
-        degree = _mesh_degree(entry, mesh)
+        degree = mesh_degree(entry, mesh)
         if size % degree:
             raise ValueError(
                 f"parameter {path}: dimension {dim} of size {size} is sharded over mesh axes {entry} "

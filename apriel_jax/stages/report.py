@@ -78,7 +78,7 @@ def stage_model_configs(cfg) -> dict[str, ml_collections.ConfigDict | None]:
 
 def plan_text(cfg) -> str:
     """The plan: one row per stage (inits, frozen groups with parameter counts, data, budget) + totals."""
-    from apriel_jax.train.optimizer import trainable_param_counts
+    from apriel_jax.train.optimizer import trainable_for_step, trainable_param_counts
 
     validate_pipeline(cfg)
     models = stage_model_configs(cfg)
@@ -93,7 +93,7 @@ def plan_text(cfg) -> str:
             continue
         t = s.train
         if model is not None:
-            trainable, frozen = trainable_param_counts(model, tuple(t.trainable))
+            trainable, frozen = trainable_param_counts(model, trainable_for_step(t.trainable, t.data.patch_budget))
         else:
             trainable = frozen = None
         steps = stage_steps(s)

@@ -56,11 +56,13 @@ def abstract_batch(mesh, batch: int, seq: int, patches: int, patch_dim: int = 76
 
 def compile_train_step(cfg, optimizer: Optimizer, topology: str, degrees: dict, *, batch: int, seq: int,
                        patches: int, trainable=("all",), grad_accum_steps: int = 1, chunk_size: int = 2048,
-                       num_slices: int = 1, dcn_degrees: dict | None = None) -> tuple[CompileReport, float]:
+                       num_slices: int = 1, dcn_degrees: dict | None = None,
+                       lm_head_grad_dtype: str | None = None) -> tuple[CompileReport, float]:
     """(compile report, model FLOPs per chip per step) for one training configuration on a TPU topology."""
     mesh = topology_mesh(topology, degrees, num_slices=num_slices, dcn_degrees=dcn_degrees)
     step = make_train_step(cfg, nnx.graphdef(abstract_model(cfg)), optimizer, mesh, trainable=trainable,
-                           grad_accum_steps=grad_accum_steps, chunk_size=chunk_size)
+                           grad_accum_steps=grad_accum_steps, chunk_size=chunk_size,
+                           lm_head_grad_dtype=lm_head_grad_dtype)
     state = abstract_train_state(cfg, optimizer, step, trainable)
     inputs = abstract_batch(mesh, batch, seq, patches, cfg.vision.patch_size ** 2 * cfg.vision.num_channels)
     start = time.perf_counter()

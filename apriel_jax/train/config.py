@@ -103,11 +103,17 @@ def train_config() -> ml_collections.ConfigDict:
         peak_lr=1e-3, schedule="linear", warmup_fraction=0.1, final_lr_fraction=0.0,
         weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8,
     ))
-    cfg.trainable = ("all",)  # groups of apriel_jax.train.optimizer.GROUPS or globs over parameter paths
+    # Groups of apriel_jax.train.optimizer.GROUPS or globs over parameter paths; "!x" excludes x. With
+    # data.patch_budget 0 the vision tower and projector are excluded (the step never runs them).
+    cfg.trainable = ("all",)
     cfg.steps = 100
     cfg.grad_accum_steps = 1
     cfg.chunk_size = 1024  # sequence chunk of the cross-entropy (logits are never materialised whole)
     cfg.z_loss_weight = 0.0
+    # The dtype the LM head's gradient is accumulated over the loss chunks and summed across devices in (once
+    # per micro-batch): "" = the model's compute dtype (bfloat16 on accelerators, as the layers' gradients are
+    # reduced); "float32" costs twice the bytes on the wire and in memory.
+    cfg.lm_head_grad_dtype = ""
     cfg.max_bad_steps = 5  # stop (after saving) when this many consecutive steps were non-finite
 
     cfg.checkpoint = ml_collections.ConfigDict(dict(
@@ -179,6 +185,8 @@ def validate_train_config(cfg) -> None:
     for key in ("steps", "grad_accum_steps", "chunk_size", "max_bad_steps"):
         if cfg[key] < 1:
             problems.append(f"{key}={cfg[key]} must be >= 1")
+    if cfg.lm_head_grad_dtype not in ("", "bfloat16", "float32"):
+        problems.append(f"lm_head_grad_dtype={cfg.lm_head_grad_dtype!r} is not one of '', 'bfloat16', 'float32'")
     if cfg.data.global_batch < 1 or cfg.data.seq_len < 2:
         problems.append(f"data.global_batch={cfg.data.global_batch} / data.seq_len={cfg.data.seq_len} too small")
     if cfg.data.global_batch % cfg.grad_accum_steps:

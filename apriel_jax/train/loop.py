@@ -65,7 +65,7 @@ from apriel_jax.train.config import validate_train_config
 from apriel_jax.train.flops import train_step_flops
 from apriel_jax.train.loss import chunked_cross_entropy
 from apriel_jax.train.metrics import MetricsWriter, mfu, progress_line
-from apriel_jax.train.optimizer import cosine, linear_decay, make_optimizer
+from apriel_jax.train.optimizer import cosine, linear_decay, make_optimizer, trainable_for_step
 from apriel_jax.train.step import init_train_state, lm_kernel, make_train_step
 from apriel_jax.utils import compile_cache
 from apriel_jax.utils.config_cli import config_to_json
@@ -132,13 +132,13 @@ def setup(cfg):
     # same files (a listing of a bucket changing between processes would split the data otherwise).
     distributed.check_same_config(cfg)
     model_cfg, model = _model(cfg, mesh)
-    trainable = tuple(cfg.trainable)
+    trainable = trainable_for_step(cfg.trainable, cfg.data.patch_budget)
     optimizer = optimizer_from_config(cfg)
     graphdef, state = init_train_state(model, optimizer, mesh=mesh, trainable=trainable)
     del model
     step_fn = make_train_step(model_cfg, graphdef, optimizer, mesh, trainable=trainable,
                               grad_accum_steps=cfg.grad_accum_steps, chunk_size=cfg.chunk_size,
-                              z_loss_weight=cfg.z_loss_weight)
+                              z_loss_weight=cfg.z_loss_weight, lm_head_grad_dtype=cfg.lm_head_grad_dtype or None)
     data_state, meta = None, {}
     restored = ckpt.restore_latest(abstract_like(state, step_fn.shardings), fallback=cfg.checkpoint.fallback,
                                    log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -103,7 +103,8 @@ def _check_graphdef(cfg, graphdef) -> None:
 
 def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = None, *,
                     trainable: Sequence[str] = ("all",), grad_accum_steps: int = 1, chunk_size: int = 1024,
-                    z_loss_weight: float = 0.0, rules=DEFAULT_RULES, donate: bool = True) -> Callable:
+                    z_loss_weight: float = 0.0, lm_head_grad_dtype: str | None = None, rules=DEFAULT_RULES,
+                    donate: bool = True) -> Callable:
     """``step(state, batch) -> (new_state, metrics)`` jitted over ``mesh``.
 
     ``batch`` follows the batch contract (README) with a global batch of B rows, split into
@@ -112,7 +113,8 @@ def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = Non
     contract before the jitted step sees it. Metrics (fp32 scalars): loss (mean token
     cross-entropy), z_loss, grad_norm (before clipping), lr, tokens (counted tokens), skipped (1 when the
     loss, the gradient norm or the update was non-finite and the update was dropped). With ``donate`` the input
-    state's buffers are reused for the output and must not be read afterwards.
+    state's buffers are reused for the output and must not be read afterwards. ``lm_head_grad_dtype``
+    is the dtype the LM head's gradient is reduced across devices in (default: the compute dtype).
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
@@ -132,7 +134,7 @@ def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = Non
         hidden, _ = model.hidden_states(micro)
         loss_sum, count, z_sum = chunked_cross_entropy(
             hidden, lm_kernel(model), micro["targets"], micro["loss_mask"], chunk_size=chunk_size,
-            z_loss_weight=z_loss_weight, compute_dtype=compute_dtype,
+            z_loss_weight=z_loss_weight, compute_dtype=compute_dtype, grad_reduce_dtype=lm_head_grad_dtype,
         )
         return (loss_sum + z_sum) / total_tokens, jnp.stack([loss_sum, count, z_sum])
 

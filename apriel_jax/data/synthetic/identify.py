@@ -8,8 +8,6 @@ first few colours / shapes of the palette, hard: all of them), shrinks the shape
 
 from __future__ import annotations
 
-import numpy as np
-
 from .common import chat_sample, check_difficulty, lerp
 from .shapes import CATEGORIES, COLORS, render_scene
 
