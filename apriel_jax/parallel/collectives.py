@@ -147,15 +147,19 @@ def _trip_count(operands: list[str], cond: str, body: str, defs: dict) -> int | 
 def collectives_per_step(hlo: str) -> CollectiveReport:
     """Every collective of a compiled module (``compiled.as_text()``), counted per execution."""
     bodies, entry = _split_computations(hlo)
-    # Every value's (opcode, operand names or a constant's literal, the rest of its line); "ROOT:<computation>"
-    # names each computation's root.
+    # Each computation's instructions as (value, opcode, the text after the opcode's parenthesis), parsed
+    # once; every value's (opcode, operand names or a constant's literal, that text), with
+    # "ROOT:<computation>" naming each computation's root; every value's largest array.
+    instructions: dict[str, list[tuple[str, str, str]]] = {}
     defs: dict[str, tuple[str, list[str], str]] = {}
     shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, lines in bodies.items():
+        instructions[name] = []
         for line in lines:
             if not (m := _INSTRUCTION.match(line)):
                 continue
             value, result, opcode, rest = m.groups()
+            instructions[name].append((value, opcode, rest))
             args = [rest.split(")", 1)[0].strip()] if opcode == "constant" else _operands(rest)
             defs[value] = (opcode, args, rest)
             if line.lstrip().startswith("ROOT"):
@@ -164,23 +168,20 @@ def collectives_per_step(hlo: str) -> CollectiveReport:
                 shapes[value] = max(arrays, key=lambda a: _nbytes(*a))
     calls: dict[str, list[tuple[str, int]]] = {name: [] for name in bodies}
     unknown: list[str] = []
-    for name, lines in bodies.items():
-        for line in lines:
-            if not (m := _INSTRUCTION.match(line)):
-                continue
-            value, opcode = m.group(1), m.group(3)
+    for name, found_here in instructions.items():
+        for value, opcode, rest in found_here:
             trips = 1
             if opcode == "while":
-                cond = re.search(r"\bcondition=%([\w.\-]+)", line).group(1)
-                body = re.search(r"\bbody=%([\w.\-]+)", line).group(1)
-                found = _TRIP.search(line)
-                found = int(found.group(1)) if found else _trip_count(defs[value][1], cond, body, defs)
+                cond = re.search(r"\bcondition=%([\w.\-]+)", rest).group(1)
+                body = re.search(r"\bbody=%([\w.\-]+)", rest).group(1)
+                known = _TRIP.search(rest)
+                found = int(known.group(1)) if known else _trip_count(defs[value][1], cond, body, defs)
                 if found is None:
                     unknown.append(value)
                 trips = 1 if found is None else found
-            for role, callee in _CALLEE.findall(line):
+            for role, callee in _CALLEE.findall(rest):
                 calls[name].append((callee, trips if role in ("body", "condition") else 1))
-            for group in _BRANCHES.findall(line):
+            for group in _BRANCHES.findall(rest):
                 calls[name].extend((c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip())
 
     runs: dict[str, int] = {}
@@ -192,13 +193,12 @@ def collectives_per_step(hlo: str) -> CollectiveReport:
 
     visit(entry, 1)
     report = CollectiveReport(unknown_loops=unknown)
-    for name, lines in bodies.items():
+    for name, found_here in instructions.items():
         if not runs.get(name):
             continue
-        for line in lines:
-            if not (m := _INSTRUCTION.match(line)) or m.group(3) not in _OPCODES:
+        for value, opcode, attrs in found_here:
+            if opcode not in _OPCODES:
                 continue
-            value, opcode, attrs = m.group(1), m.group(3), m.group(4)
             kind = _OPCODES[opcode]
             dtype, shape = shapes[value]
             if kind == "reduce-scatter":  # the result is one shard: the whole operand is group-size times it

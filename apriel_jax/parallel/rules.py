@@ -51,6 +51,12 @@ def mesh_degree(entry, mesh) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
+def batch_degree(mesh, rules=DEFAULT_RULES) -> int:
+    """How many devices the rows of a batch are split over: the mesh axes of the "batch" logical axis."""
+    spec = logical_to_spec(("batch",), mesh, rules)
+    return mesh_degree(spec[0] if len(spec) else None, mesh)
+
+
 def check_divisible(path: str, shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> None:
     for dim, (size, entry) in enumerate(zip(shape, spec)):
         degree = mesh_degree(entry, mesh)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import sys
 import threading
@@ -58,7 +57,7 @@ from apriel_jax.model import create_model
 from apriel_jax.parallel import distributed
 from apriel_jax.parallel.mesh import make_mesh
 from apriel_jax.train.task_eval import TaskEval
-from apriel_jax.parallel.rules import logical_to_spec
+from apriel_jax.parallel.rules import batch_degree, logical_to_spec
 from apriel_jax.train import inputs
 from apriel_jax.train.checkpointing import RunCheckpointer, abstract_like
 from apriel_jax.train.config import validate_train_config
@@ -80,7 +79,7 @@ def _check_batch(cfg, mesh) -> None:
     spec = logical_to_spec(("batch",), mesh)
     entry = spec[0] if len(spec) else None
     names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    degree = math.prod(mesh.shape[n] for n in names)
+    degree = batch_degree(mesh)
     need = degree * cfg.grad_accum_steps
     if cfg.data.global_batch % need:
         hosts = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""

@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from apriel_jax.parallel.rules import active_rules, constrain, logical_to_spec, mesh_degree
+from apriel_jax.parallel.rules import active_rules, batch_degree, constrain
 
 
 def _row_groups(rows: int) -> int:
@@ -32,8 +32,7 @@ def _row_groups(rows: int) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    spec = logical_to_spec(("batch",), mesh, active_rules())
-    degree = mesh_degree(spec[0], mesh) if len(spec) else 1
+    degree = batch_degree(mesh, active_rules())
     return degree if rows % degree == 0 else 1
 
 

@@ -11,7 +11,6 @@ the global batch, whatever the number of micro-batches or how documents were pac
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -23,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from apriel_jax.data.batch_check import check_batch_in_debug
 from apriel_jax.model.factory import abstract_model, state_shardings
 from apriel_jax.parallel.mesh import make_mesh
-from apriel_jax.parallel.rules import DEFAULT_RULES, logical_to_spec
+from apriel_jax.parallel.rules import DEFAULT_RULES, batch_degree, logical_to_spec
 from apriel_jax.train.loss import chunked_cross_entropy
 from apriel_jax.train.optimizer import Optimizer, split_trainable
 
@@ -85,12 +84,6 @@ def init_train_state(model, optimizer: Optimizer, *, mesh: Mesh | None = None, t
     return graphdef, TrainState(step, params, frozen, opt_state)
 
 
-def _batch_degree(mesh: Mesh, spec: PartitionSpec) -> int:
-    entry = spec[0] if len(spec) else None
-    names = () if entry is None else (entry,) if isinstance(entry, str) else entry
-    return math.prod(mesh.shape[n] for n in names)
-
-
 def _check_graphdef(cfg, graphdef) -> None:
     """The graphdef carries static module attributes (compute dtype, remat policy, attention impl), so a
     graphdef from a model built with another config would silently run that config."""
@@ -123,7 +116,7 @@ def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = Non
     accum = grad_accum_steps
     shardings = train_state_shardings(cfg, optimizer, mesh, trainable, rules)
     batch_spec = logical_to_spec(("batch",), mesh, rules)
-    degree = _batch_degree(mesh, batch_spec)
+    degree = batch_degree(mesh, rules)
     batch_sharding = NamedSharding(mesh, batch_spec)
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, *batch_spec))
     replicated = NamedSharding(mesh, PartitionSpec())
