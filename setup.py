@@ -87,6 +87,8 @@ EXTRAS_REQUIRE = {
         "pytest>=8.0,<10",
         "pytest-xdist>=3.6,<4",  # `make test` runs two test files at a time
         "transformers>=5.0,<6",
+        # LoRA parity: our PEFT-layout adapters loaded by PeftModel onto transformers (tests/test_lora.py).
+        "peft>=0.21,<0.23",
         # Exact pin on purpose: see the module docstring.
         "torch==2.13.0",
         f'jax[tpu]{JAX_RANGE}; platform_system == "Linux"',

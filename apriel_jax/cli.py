@@ -43,7 +43,9 @@ checkpoint formats:
   hf       config.json + model*.safetensors (LlavaForConditionalGeneration)
   orbax    apriel_config.json + params/ (apriel-jax's own)
   mistral  params.json + consolidated.safetensors (e.g. Pixtral-12B-2409)
-Tokenizer, chat template and processor files next to the weights are carried along.
+  peft     adapter_config.json + adapter_model.safetensors (LoRA adapters, PeftModel.from_pretrained)
+Tokenizer, chat template and processor files next to the weights are carried along. A checkpoint
+with LoRA adapters (a LoRA run's) is written to HF merged; orbax-to-peft writes the adapters alone.
 """
 
 _DATA_EPILOG = """\
@@ -156,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dtype", type=_dtype_name, metavar="DTYPE", help="dtype of the written tensors "
                      "(default: the parameters')")
     shard_option(sub)
+    sub = conversion("orbax-to-peft", "the LoRA adapters of an apriel-jax orbax checkpoint -> PEFT adapter "
+                     "directory (orbax-to-hf writes the model with them merged)")
+    sub.add_argument("--dtype", type=_dtype_name, metavar="DTYPE", help="dtype of the written tensors "
+                     "(default: the parameters')")
+    sub.add_argument("--base", default="", metavar="PATH_OR_NAME",
+                     help="the HF base model the adapters apply to (adapter_config.json base_model_name_or_path)")
     sub = conversion("mistral-to-hf", "Mistral consolidated (params.json) -> HF LlavaForConditionalGeneration")
     sub.add_argument("--dtype", type=_dtype_name, metavar="DTYPE", help="dtype of the written tensors "
                      "(default: the checkpoint's)")
@@ -305,6 +313,9 @@ def _run_convert(args, overrides: list[str]) -> int:
     elif kind == "orbax-to-hf":
         out = pretrained.orbax_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                      max_shard_bytes=args.max_shard_size)
+    elif kind == "orbax-to-peft":
+        out = pretrained.orbax_to_peft(args.src, args.dst, base_model_name_or_path=args.base, dtype=args.dtype,
+                                       overwrite=args.overwrite)
     elif kind == "mistral-to-hf":
         out = pretrained.mistral_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                        max_shard_bytes=args.max_shard_size)

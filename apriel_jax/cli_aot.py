@@ -76,6 +76,7 @@ def compile_case(model_cfg, tcfg, topology: str, num_slices: int, hlo_path: str 
     from apriel_jax.parallel.aot import hbm_per_chip
     from apriel_jax.train.aot import compile_train_step
     from apriel_jax.train.loop import optimizer_from_config
+    from apriel_jax.model.lora import enabled as lora_enabled
     from apriel_jax.train.optimizer import trainable_for_step
 
     degrees = {k: int(v) for k, v in tcfg.mesh.items()}
@@ -83,7 +84,8 @@ def compile_case(model_cfg, tcfg, topology: str, num_slices: int, hlo_path: str 
     slices = num_slices or max(1, math.prod(dcn.values()))
     report, model_flops = compile_train_step(
         model_cfg, optimizer_from_config(tcfg), topology, degrees, batch=tcfg.data.global_batch, seq=tcfg.data.seq_len,
-        patches=tcfg.data.patch_budget, trainable=trainable_for_step(tcfg.trainable, tcfg.data.patch_budget),
+        patches=tcfg.data.patch_budget,
+        trainable=trainable_for_step(tcfg.trainable, tcfg.data.patch_budget, adapters=lora_enabled(model_cfg)),
         grad_accum_steps=tcfg.grad_accum_steps, chunk_size=tcfg.chunk_size,
         lm_head_grad_dtype=tcfg.lm_head_grad_dtype or None, num_slices=slices, dcn_degrees=dcn if slices > 1 else None)
     hbm = hbm_per_chip(topology)

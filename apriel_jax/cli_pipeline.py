@@ -153,6 +153,9 @@ def run_and_report(cfg, *, only=None, start=None, redo=False, export=True) -> in
     if export and last_ran:
         out = runner.export()
         print(f"Hugging Face export: {out}")
+        adapters = runner.export_adapters()
+        if adapters is not None:
+            print(f"PEFT adapters: {adapters}")
         if cfg.export.check_with_transformers and hosts.primary:
             print(f"transformers check: {check_export_with_transformers(out)}")
     print(f"pipeline {cfg.name}: done in {time.time() - t0:.0f} s; outputs under {cfg.run_dir}")

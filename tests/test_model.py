@@ -80,9 +80,10 @@ def test_remat_policies_change_nothing_numerically():
     results = {}
     cfg = get_preset("tiny")
     cfg.decoder.num_layers = 4
+    cfg.attention_impl = "xla_blocked"  # the kernel that names the residuals the "attention" policy keeps
     state = nnx.state(create_model(cfg, seed=0))  # the policies share parameters: initialised once
     # "full/2": nested remat over groups of 2 decoder layers (4 layers here, so two groups).
-    for policy in ("none", "full", "dots", "full/2"):
+    for policy in ("none", "full", "dots", "full/2", "attention"):
         cfg.remat_policy, _, group = policy.partition("/")
         cfg.remat_group = int(group or 1)
         graphdef = nnx.graphdef(abstract_model(cfg))
@@ -93,6 +94,34 @@ def test_remat_policies_change_nothing_numerically():
         np.testing.assert_allclose(l0, l1, rtol=1e-6)
         for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """Equations of primitive ``name`` in a closed jaxpr, nested calls, scans and remat included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += eqn.primitive.name == name
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            total += _count_primitive(sub, name)
+    return total
+
+
+def test_attention_remat_policy_skips_the_attention_forward_in_the_backward_pass():
+    """Under "full" the backward pass of a layer reruns attention's forward (one more exp over the scores
+    per query block); under "attention" the decoder reuses its saved output and log-sum-exp. The vision
+    tower attends bidirectionally through ``xla``, which names nothing, so it still recomputes its softmax."""
+    cfg = get_preset("tiny")
+    cfg.attention_impl = "xla_blocked"
+    batch = random_batch(cfg, np.random.default_rng(3), b=1, s=24, p=8, image_grids=((2, 2),))
+    state = nnx.state(create_model(cfg, seed=0))
+    exps = {}
+    for policy in ("none", "full", "attention"):
+        cfg.remat_policy = policy
+        graphdef = nnx.graphdef(abstract_model(cfg))
+        loss = lambda st: nnx.merge(graphdef, st)(batch).mean()  # noqa: B023 - traced within the iteration
+        exps[policy] = _count_primitive(jax.make_jaxpr(jax.grad(loss))(state).jaxpr, "exp")
+    # 24 tokens are one query block: one exp in the decoder's attention forward, one in the vision tower's
+    assert exps["full"] - exps["attention"] == 1 and exps["attention"] - exps["none"] == 1, exps
 
 
 def test_pixtral_2d_rope_layout():

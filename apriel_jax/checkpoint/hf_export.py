@@ -21,6 +21,7 @@ from apriel_jax import storage
 from apriel_jax.checkpoint.hf_config import to_hf_config
 from apriel_jax.checkpoint.keymap import key_map
 from apriel_jax.model.factory import param_path
+from apriel_jax.model.lora import enabled as lora_enabled, merged_kernel
 from apriel_jax.checkpoint.safetensors_io import TensorSpec, write_safetensors_checkpoint
 
 # Files that travel with the weights when the source checkpoint had them. An orbax model directory
@@ -37,7 +38,7 @@ def _np_dtype(name: str):
     return jax.numpy.dtype(name)  # handles "bfloat16" through ml_dtypes
 
 
-def _to_host(array) -> np.ndarray:
+def to_host(array) -> np.ndarray:
     """The whole of ``array`` as a NumPy array. An array sharded over several processes is gathered: a
     collective, so every process produces the same tensors in the same order (only process 0 writes)."""
     if getattr(array, "is_fully_addressable", True):
@@ -48,20 +49,27 @@ def _to_host(array) -> np.ndarray:
 
 
 def tensor_specs(state: nnx.State, cfg, *, layout: str = "hf4", dtype: str | None = None) -> list[TensorSpec]:
-    """One lazily produced TensorSpec per checkpoint tensor, in name order."""
+    """One lazily produced TensorSpec per checkpoint tensor, in name order. A model with LoRA adapters is
+    written merged (W + alpha/r * A @ B, one layer at a time as it is written): the plain checkpoint that
+    computes the same function."""
     arrays = {}
     jax.tree_util.tree_map_with_path(lambda p, x: arrays.__setitem__(param_path(p), x), state)
+    scale = cfg.lora.alpha / cfg.lora.rank if lora_enabled(cfg) else 0.0
     specs = []
     for m in key_map(cfg, layout):
         array = arrays[m.path]
+        owner = m.path.removesuffix("/kernel")
+        adapter = (arrays[f"{owner}/lora_a"], arrays[f"{owner}/lora_b"]) if f"{owner}/lora_a" in arrays else None
         out_dtype = _np_dtype(dtype) if dtype else array.dtype
         layers = range(array.shape[0]) if m.stacked else [None]
         for i in layers:
             part_shape = array.shape[1:] if m.stacked else array.shape
             shape = jax.eval_shape(m.to_ext, jax.ShapeDtypeStruct(part_shape, np.float32)).shape
 
-            def produce(m=m, array=array, i=i, out_dtype=out_dtype):
-                host = _to_host(array if i is None else array[i])
+            def produce(m=m, array=array, adapter=adapter, i=i, out_dtype=out_dtype):
+                host, *a_b = (to_host(x if i is None else x[i]) for x in (array, *(adapter or ())))
+                if a_b:
+                    host = np.asarray(merged_kernel(host, *a_b, scale))
                 return np.ascontiguousarray(m.to_ext(host)).astype(out_dtype, copy=False)
 
             specs.append(TensorSpec(m.name if i is None else m.name.format(i=i), tuple(shape), out_dtype, produce))
@@ -72,7 +80,8 @@ def export_hf(state: nnx.State, cfg, out_dir, *, dtype: str | None = None, sourc
               token_ids: dict[str, int] | None = None, max_shard_bytes: int = 5 * 2**30,
               overwrite: bool = False, layout: str = "hf4") -> storage.Location:
     """Write an HF checkpoint directory (local or ``gs://``; config.json is its marker, written last)
-    that ``LlavaForConditionalGeneration.from_pretrained`` loads.
+    that ``LlavaForConditionalGeneration.from_pretrained`` loads. LoRA adapters are merged into the
+    weights (``checkpoint/peft_adapters.py`` writes them on their own).
 
     ``dtype`` is the stored dtype (default: the parameters' own). Tokenizer, chat template and
     processor files are copied from ``source_dir`` when it has them. ``token_ids`` (bos/eos/pad ids for

@@ -33,6 +33,17 @@ def _layer_shape(abstract_leaf, m: TensorMap) -> tuple[int, ...]:
     return tuple(abstract_leaf.shape[1:] if m.stacked else abstract_leaf.shape)
 
 
+def name_mismatch(header: str, missing, unexpected, *, examples: int) -> list[str]:
+    """The lines of an error about tensors a file lacks or has in excess: ``header``, then a count and the
+    first ``examples`` names of each kind."""
+    lines = [header]
+    if missing:
+        lines.append(f"  {len(missing)} missing tensor(s), e.g. {', '.join(missing[:examples])}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:examples])}")
+    return lines
+
+
 def check_checkpoint(source: SafetensorsCheckpoint, cfg, layout: str | None = None) -> str:
     """Validate names, shapes and dtypes against ``cfg``; return the layout. Raises CheckpointError."""
     names = set(source.keys())
@@ -41,11 +52,8 @@ def check_checkpoint(source: SafetensorsCheckpoint, cfg, layout: str | None = No
     missing = sorted(set(expected) - names)
     unexpected = sorted(n for n in names - set(expected) if not n.endswith(_IGNORED_SUFFIXES))
     if missing or unexpected:
-        lines = [f"checkpoint {source.location} does not match the model config ({layout} layout):"]
-        if missing:
-            lines.append(f"  {len(missing)} missing tensor(s), e.g. {', '.join(missing[:8])}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:8])}")
+        lines = name_mismatch(f"checkpoint {source.location} does not match the model config ({layout} layout):",
+                              missing, unexpected, examples=8)
         lines.append(
             f"  the config says {cfg.decoder.num_layers} decoder / {cfg.vision.num_layers} vision layers, "
             f"projector bias={cfg.projector.bias}, tied embeddings={cfg.decoder.tie_embeddings}"

@@ -16,7 +16,7 @@ import jax
 from jax.sharding import Mesh
 
 from apriel_jax import storage
-from apriel_jax.checkpoint import hf_export, hf_import, mistral, orbax_io
+from apriel_jax.checkpoint import hf_export, hf_import, mistral, orbax_io, peft_adapters
 from apriel_jax.checkpoint.hf_config import ConfigError, from_hf_config
 from apriel_jax.checkpoint.safetensors_io import SafetensorsCheckpoint, write_safetensors_checkpoint
 from apriel_jax.model.factory import model_from_state
@@ -119,6 +119,16 @@ def orbax_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = False, 
     state = orbax_io.load_state(src, cfg, mesh=mesh)
     return hf_export.export_hf(state, cfg, dst, dtype=dtype, source_dir=src, overwrite=overwrite,
                                max_shard_bytes=max_shard_bytes)
+
+
+def orbax_to_peft(src, dst, *, base_model_name_or_path: str = "", dtype: str | None = None,
+                  overwrite: bool = False, mesh: Mesh | None = None):
+    """The LoRA adapters of an apriel-jax checkpoint as a PEFT adapter directory (orbax_to_hf writes the
+    same model merged)."""
+    cfg = orbax_io.load_config(src)
+    state = orbax_io.load_state(src, cfg, mesh=mesh)
+    return peft_adapters.export_peft(state, cfg, dst, base_model_name_or_path=base_model_name_or_path,
+                                     dtype=dtype, overwrite=overwrite)
 
 
 def mistral_to_hf(src, dst, *, dtype: str | None = None, overwrite: bool = False, max_shard_bytes=5 * 2**30):

@@ -512,9 +512,9 @@ def _write_shard(path, shard: list[_Planned], metadata: dict, fsync: bool) -> No
 
 
 def _marker(extra: Mapping, names: list[str], index_name: str) -> str:
-    """The file readers trust the output by, written last: config.json (HF) or params.json (Mistral)
-    when given, else the index of a sharded checkpoint, else its single file."""
-    for name in ("config.json", "params.json"):
+    """The file readers trust the output by, written last: config.json (HF), params.json (Mistral) or
+    adapter_config.json (PEFT) when given, else the index of a sharded checkpoint, else its single file."""
+    for name in ("config.json", "params.json", "adapter_config.json"):
         if name in extra:
             return name
     return index_name if len(names) > 1 else names[0]

@@ -35,6 +35,11 @@ import jax.numpy as jnp
 # uniform distribution instead of NaN, and its gradient stays finite.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+# Names a kernel may give its backward-pass residuals (``jax.ad_checkpoint.checkpoint_name``): the
+# ``attention`` remat policy keeps these and recomputes the rest of the layer. Only ``xla_blocked`` names
+# them today; under another kernel the policy saves nothing more than ``full``.
+SAVEABLE_RESIDUALS = ("attention_out", "attention_lse")
+
 _IMPLEMENTATIONS: dict[str, Callable] = {}
 
 

@@ -30,8 +30,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from apriel_jax.kernels.attention import _MASK_VALUE, register, xla_attention
+from apriel_jax.kernels.attention import _MASK_VALUE, SAVEABLE_RESIDUALS, register, xla_attention
 
 # Query rows per block: smaller blocks skip more of the upper triangle but add per-block overhead. On
 # bench_small shapes (S = 1024, fwd+bwd CPU time) 64-192 were within noise of each other and ~10% faster
@@ -117,6 +118,9 @@ def _blocked(q, k, v, q_seg, kv_seg, blocks, causal, sliding_window, scale):
 
 def _blocked_fwd(q, k, v, q_seg, kv_seg, blocks, causal, sliding_window, scale):
     out, lse = _forward(q, k, v, q_seg, kv_seg, blocks, causal, sliding_window, scale)
+    # Named for the ``attention`` remat policy: with these two kept, the backward pass recomputes only
+    # the layer's matmuls and q/k/v, never the S x S forward (scores, exp, sums).
+    out, lse = (checkpoint_name(x, name) for x, name in zip((out, lse), SAVEABLE_RESIDUALS))
     return _merge_heads(out), (q, k, v, q_seg, kv_seg, out, lse)
 
 

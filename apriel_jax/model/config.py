@@ -3,14 +3,17 @@
 One schema serves every tower. ConfigDicts are type-locked once built, so a command-line override with
 the wrong type (``--config.model.decoder.num_layers=abc``) fails loudly instead of silently becoming a
 string. Sizes of the real models are in ``presets.py``; the HF ``config.json`` mapping is in
-``apriel_jax/checkpoint/hf_config.py``.
+``apriel_jax/checkpoint/hf_config.py``. A model with LoRA adapters carries a ``lora`` block as well
+(``model/lora.py``: ``with_lora``); configs without one build the plain model.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+from apriel_jax.model.lora import config_problems
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu", "quick_gelu")
 
 
@@ -111,5 +114,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for name, value in (("vision.num_layers", v.num_layers), ("decoder.num_layers", d.num_layers)):
         if value < 1:
             problems.append(f"{name}={value} must be at least 1")
+    problems.extend(config_problems(cfg))
     if problems:
         raise ValueError("invalid model config:\n  " + "\n  ".join(problems))

@@ -1,5 +1,6 @@
 """Mistral-NeMo style decoder: token embedding, stacked pre-norm layers (GQA attention, SiLU-gated MLP),
-final RMSNorm and an untied LM head."""
+final RMSNorm and an untied LM head. With a ``lora`` config the layers' projections carry adapters
+(``model/lora.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from flax import nnx
 
 from apriel_jax.model.attention import SelfAttention
 from apriel_jax.model.layers import GatedMLP, Linear, RMSNorm, logical_param, normal_init
+from apriel_jax.model.lora import DECODER_TARGETS, add_adapters, dropout_keys
 from apriel_jax.model.rope import text_angles
 from apriel_jax.model.stack import make_stack, scan_stack
 from apriel_jax.parallel.rules import ACTIVATION_AXES, constrain
@@ -35,7 +37,7 @@ class KVCache(NamedTuple):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg, *, impl, rngs, param_dtype, dtype):
+    def __init__(self, cfg, *, impl, rngs, param_dtype, dtype, lora=None):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
         self.attn = SelfAttention(
@@ -44,27 +46,31 @@ class DecoderLayer(nnx.Module):
         )
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, **kw)
+        if lora is not None:
+            add_adapters(self, DECODER_TARGETS, lora, rngs=rngs)
 
-    def __call__(self, x, angles, segment_ids, kv_cache=None):
+    def __call__(self, x, angles, segment_ids, kv_cache=None, dropout_key=None):
         x = constrain(x, ACTIVATION_AXES)
-        attn_out, new_kv = self.attn(self.input_norm(x), angles, segment_ids, kv_cache)
-        x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x))
+        with dropout_keys(self, dropout_key):
+            attn_out, new_kv = self.attn(self.input_norm(x), angles, segment_ids, kv_cache)
+            x = x + attn_out
+            x = x + self.mlp(self.post_attn_norm(x))
         return constrain(x, ACTIVATION_AXES), new_kv
 
 
 class Decoder(nnx.Module):
-    def __init__(self, cfg, *, impl="xla", remat_policy="none", remat_group=1, rngs: nnx.Rngs, param_dtype,
-                 dtype):
+    def __init__(self, cfg, *, impl="xla", remat_policy="none", remat_group=1, lora=None, rngs: nnx.Rngs,
+                 param_dtype, dtype):
         # Plain scalars only: module attributes become static graph metadata, which must be hashable.
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.dtype = dtype
         self.remat_policy, self.remat_group = remat_policy, int(remat_group)
+        self.num_layers = cfg.num_layers
         self.embed = logical_param(
             normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype), ("vocab", "embed")
         )
         self.layers = make_stack(
-            lambda r: DecoderLayer(cfg, impl=impl, rngs=r, param_dtype=param_dtype, dtype=dtype),
+            lambda r: DecoderLayer(cfg, impl=impl, rngs=r, param_dtype=param_dtype, dtype=dtype, lora=lora),
             cfg.num_layers,
             rngs,
         )
@@ -79,15 +85,20 @@ class Decoder(nnx.Module):
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
 
-    def __call__(self, x, positions, segment_ids, kv_cache: KVCache | None = None):
-        """Run the layers and the final norm on embeddings x [B, S, E]. Returns (hidden, new cache)."""
+    def __call__(self, x, positions, segment_ids, kv_cache: KVCache | None = None, dropout_key=None):
+        """Run the layers and the final norm on embeddings x [B, S, E]. Returns (hidden, new cache).
+
+        ``dropout_key`` (training only, not with a cache) turns on the adapters' dropout: one key per layer.
+        """
         angles = text_angles(positions, self.head_dim, self.rope_theta)
         if kv_cache is None:
-            def body(layer, h, _):
-                h, _ = layer(h, angles, segment_ids)
+            def body(layer, h, key):
+                h, _ = layer(h, angles, segment_ids, dropout_key=key)
                 return h, None
 
-            x, _ = scan_stack(self.layers, body, x, remat_policy=self.remat_policy, remat_group=self.remat_group)
+            keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
+            x, _ = scan_stack(self.layers, body, x, keys, remat_policy=self.remat_policy,
+                              remat_group=self.remat_group)
             return self.norm(x), None
 
         cache_segments = jax.lax.dynamic_update_slice(kv_cache.segment_ids, segment_ids, (0, kv_cache.index))

@@ -1,4 +1,5 @@
-"""Creating models: abstract (no memory), on one device, or directly sharded over a mesh."""
+"""Creating models: abstract (no memory), on one device, or directly sharded over a mesh; and a model with
+LoRA adapters on an existing (e.g. pretrained) base."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from apriel_jax.model.apriel import AprielModel
 from apriel_jax.model.layers import count_params
+from apriel_jax.model.lora import enabled, merge_adapters, split_adapters, with_lora
 from apriel_jax.parallel.rules import DEFAULT_RULES, tree_shardings
 
 
@@ -63,3 +65,32 @@ def create_model(cfg, *, seed: int = 0, mesh: Mesh | None = None, rules=DEFAULT_
 def model_from_state(cfg, state) -> AprielModel:
     """A model with the given parameter state (e.g. loaded from a checkpoint)."""
     return nnx.merge(nnx.graphdef(abstract_model(cfg)), state)
+
+
+def adapted_model(model: AprielModel, lora, *, adapters: nnx.State | None = None, seed: int = 0,
+                  mesh: Mesh | None = None, rules=DEFAULT_RULES) -> AprielModel:
+    """``model`` (a plain base) with LoRA adapters: ``adapters`` (a state of ``lora_a``/``lora_b`` leaves, e.g.
+    read from a PEFT directory), or fresh ones from ``seed`` (A random, B zero: the output is unchanged).
+    The base parameters are shared, not copied."""
+    base_cfg = model.config.as_configdict()
+    if enabled(base_cfg):
+        raise ValueError("the model already has LoRA adapters; merge them (export it) before adding new ones")
+    cfg = with_lora(base_cfg, lora)
+    if adapters is None:
+        shardings = None if mesh is None else split_adapters(state_shardings(cfg, mesh, rules))[0]
+
+        # Only the adapter leaves are outputs: XLA drops the base initialisation the trace also contains.
+        def init():
+            return split_adapters(nnx.state(AprielModel(cfg, rngs=nnx.Rngs(seed))))[0]
+
+        adapters = jax.jit(init, out_shardings=shardings)()
+    return model_from_state(cfg, nnx.merge_state(nnx.state(model), adapters))
+
+
+def merged_model(model: AprielModel) -> AprielModel:
+    """The plain model computing what ``model`` does: LoRA adapters folded into their kernels (a model without
+    adapters is returned as it is)."""
+    if not enabled(model.config):
+        return model
+    state, cfg = merge_adapters(nnx.state(model), model.config.as_configdict())
+    return model_from_state(cfg, state)

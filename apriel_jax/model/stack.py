@@ -15,12 +15,16 @@ import jax
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from apriel_jax.kernels.attention import SAVEABLE_RESIDUALS
 from apriel_jax.parallel.rules import constrain
 
 _POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # full, except the attention output and log-sum-exp the kernel names (xla_blocked, the CPU path):
+    # the S x S forward is not recomputed, for B*S*(H*D + H) saved values per layer
+    "attention": jax.checkpoint_policies.save_only_these_names(*SAVEABLE_RESIDUALS),
 }
 
 

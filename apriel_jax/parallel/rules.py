@@ -26,6 +26,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("norm", None),
     ("patch", None),
+    ("lora_rank", None),  # LoRA adapters' rank: small, never split
 )
 
 

@@ -8,7 +8,8 @@ A pipeline config is an ``ml_collections.ConfigDict``::
     mesh, mesh_dcn, tokenizer, chat_format    shared by every stage (a stage's ``train`` may override)
     order      the stage names in execution order
     stages     one ConfigDict per stage name (see :func:`stage`)
-    export     where the last stage's final model is exported in Hugging Face format
+    export     where the last stage's final model is exported in Hugging Face format (and its LoRA adapters
+               in PEFT's, ``export.peft_dir``)
 
 Stages are keyed by name (not listed) so command-line overrides stay readable:
 ``--config.stages.cpt1.train.steps=10``.
@@ -23,6 +24,9 @@ A stage names:
 * ``train``: fields of the run config (:func:`apriel_jax.train.config.train_config`): trainable groups,
   data mixture, sequence length, batch, optimizer and schedule, checkpoint cadence, eval; ``tokens`` (if
   > 0) sets the length in tokens instead of ``train.steps``; ``train.compile_cache`` is the pipeline's;
+  ``train.lora.rank`` > 0 makes it a LoRA stage: adapters on the initial model, only they train, and its
+  final holds them (the next stage, and the HF export, see them merged; ``export.peft_dir`` writes them
+  in PEFT's layout);
 * ``finalize``: ``"last"`` (the final checkpoint) or ``"average"`` (equal-weight average of the last
   ``num_checkpoints`` equispaced checkpoints, ``interval`` steps apart);
 * ``kind="merge"`` instead of training: a weighted average of other stages' finals (``merge.stages``,
@@ -85,8 +89,10 @@ def pipeline_config() -> ml_collections.ConfigDict:
     cfg.distributed = ml_collections.ConfigDict(train_config().distributed.to_dict())
     cfg.order = []
     cfg.stages = ml_collections.ConfigDict()
-    # Written after the last stage: an HF checkpoint (LlavaForConditionalGeneration layout) of its final.
-    cfg.export = ml_collections.ConfigDict(dict(hf_dir="", dtype="", check_with_transformers=True))
+    # Written after the last stage: an HF checkpoint (LlavaForConditionalGeneration layout) of its final, LoRA
+    # adapters merged; with peft_dir, a LoRA last stage's adapters also go there in PEFT's layout (their
+    # base_model_name_or_path is the stage's init checkpoint).
+    cfg.export = ml_collections.ConfigDict(dict(hf_dir="", dtype="", check_with_transformers=True, peft_dir=""))
     # Hardware the production configs are sized for (used by `apriel-jax aot` when no --topology is given).
     cfg.target = ml_collections.ConfigDict(dict(topology=""))
     return cfg
@@ -120,6 +126,10 @@ def validate_pipeline(cfg) -> None:
             continue
         if s.kind == "merge":
             problems += _merge_problems(where, s, names[:i])
+            lora = [other for other in s.merge.stages if other in cfg.stages and _is_lora_stage(cfg.stages[other])]
+            if lora:
+                problems.append(f"{where} merges the LoRA stages {lora}, whose finals hold adapters: averaging A "
+                                "and B apart is not averaging the updates A @ B")
             continue
         if s.init == "previous" and i == 0:
             problems.append(f"{where}.init='previous' but it is the first stage")
@@ -133,8 +143,18 @@ def validate_pipeline(cfg) -> None:
             problems.append(f"{where}.finalize.kind={s.finalize.kind!r} is not one of {FINALIZE}")
         if s.finalize.kind == "average":
             problems += _average_problems(where, s)
+            if _is_lora_stage(s) and s.finalize.num_checkpoints > 1:
+                problems.append(f"{where}: finalize='average' of a LoRA stage (train.lora.rank > 0) would average A "
+                                "and B apart, which is not the average of the updates A @ B: use finalize='last'")
+    if cfg.export.get("peft_dir") and names and names[-1] in cfg.stages and not _is_lora_stage(cfg.stages[names[-1]]):
+        problems.append(f"export.peft_dir is set but the last stage {names[-1]!r} trains no LoRA adapters "
+                        f"(stages.{names[-1]}.train.lora.rank is 0)")
     if problems:
         raise ValueError("bad pipeline config: " + "; ".join(problems))
+
+
+def _is_lora_stage(s) -> bool:
+    return s.kind == "train" and s.train.lora.rank > 0
 
 
 def _merge_problems(where, s, earlier) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from apriel_jax import storage
+from apriel_jax.model.lora import with_lora, without_lora
 from apriel_jax.stages.config import averaged_steps, stage_steps, validate_pipeline
 from apriel_jax.stages.runner import stage_paths
 
@@ -72,12 +73,15 @@ def stage_model_configs(cfg) -> dict[str, ml_collections.ConfigDict | None]:
         if model is not None and s.transform.kind == "upscale":
             model = ml_collections.ConfigDict(model.to_dict())
             model.decoder.num_layers = len(s.transform.layer_map) or int(s.transform.num_layers)
+        if model is not None:  # a LoRA stage trains adapters on its init, which it loads merged
+            model = with_lora(without_lora(model), s.train.lora) if s.train.lora.rank else without_lora(model)
         out[name] = model
     return out
 
 
 def plan_text(cfg) -> str:
     """The plan: one row per stage (inits, frozen groups with parameter counts, data, budget) + totals."""
+    from apriel_jax.model.lora import enabled as lora_enabled
     from apriel_jax.train.optimizer import trainable_for_step, trainable_param_counts
 
     validate_pipeline(cfg)
@@ -93,7 +97,8 @@ def plan_text(cfg) -> str:
             continue
         t = s.train
         if model is not None:
-            trainable, frozen = trainable_param_counts(model, trainable_for_step(t.trainable, t.data.patch_budget))
+            trainable, frozen = trainable_param_counts(
+                model, trainable_for_step(t.trainable, t.data.patch_budget, adapters=lora_enabled(model)))
         else:
             trainable = frozen = None
         steps = stage_steps(s)

@@ -277,6 +277,7 @@ class Runner:
         save_model(state, new_cfg, out, overwrite=True, extra_files=_run_tokenizer_files(tcfg))
 
     def _train(self, name: str) -> dict:
+        from apriel_jax.model.lora import enabled as lora_enabled
         from apriel_jax.train.loop import train
         from apriel_jax.train.optimizer import trainable_for_step, trainable_param_counts
         from apriel_jax.train.task_eval import task_summary
@@ -303,7 +304,8 @@ class Runner:
         entries = _read_metrics(paths.run)
         loss = _first_last(entries, "train", "loss")
         eval_loss = _first_last(entries, "eval", "loss")
-        trainable, frozen = trainable_param_counts(model_cfg, trainable_for_step(tcfg.trainable, tcfg.data.patch_budget))
+        trainable, frozen = trainable_param_counts(model_cfg, trainable_for_step(
+            tcfg.trainable, tcfg.data.patch_budget, adapters=lora_enabled(model_cfg)))
         return dict(stage=name, kind="train", init=init_dir or "random", steps=int(result["step"]),
                     tokens=int(result["step"]) * tcfg.data.global_batch * tcfg.data.seq_len,
                     trainable_params=trainable, frozen_params=frozen, loss_start=loss[0], loss_end=loss[1],
@@ -350,6 +352,23 @@ class Runner:
         self.hosts.on_primary(f"writing {out / EXPORT_STAMP}",
                               lambda: storage.write_json(out / EXPORT_STAMP, {"source": str(last.final)}))
         self.log(f"exported {last.final} -> {out} (Hugging Face LlavaForConditionalGeneration)")
+        return out
+
+    def export_adapters(self) -> storage.Location | None:
+        """The last stage's LoRA adapters in PEFT's layout at ``export.peft_dir`` (None when it is not set)."""
+        from apriel_jax.checkpoint import orbax_io
+        from apriel_jax.checkpoint.peft_adapters import export_peft
+
+        if not self.cfg.export.get("peft_dir"):
+            return None
+        last_name = self.cfg.order[-1]
+        final = stage_paths(self.cfg, last_name).final
+        model_cfg = orbax_io.load_config(final)
+        state = orbax_io.load_state(final, model_cfg, mesh=self.mesh)
+        out = export_peft(state, model_cfg, self.cfg.export.peft_dir, overwrite=True,
+                          base_model_name_or_path=init_source(self.cfg, last_name) or "",
+                          dtype=self.cfg.export.dtype or None)
+        self.log(f"exported the LoRA adapters of {final} -> {out} (PEFT)")
         return out
 
     @staticmethod

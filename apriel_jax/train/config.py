@@ -33,6 +33,7 @@ import math
 import ml_collections
 
 from apriel_jax.model import get_preset
+from apriel_jax.model.lora import lora_config, settings_problems
 
 SOURCE_KINDS = ("jsonl", "array_record", "parquet", "bytes_text", "tfds", "synthetic", "synthetic_text",
                 "synthetic_chat")
@@ -106,6 +107,10 @@ def train_config() -> ml_collections.ConfigDict:
     # Groups of apriel_jax.train.optimizer.GROUPS or globs over parameter paths; "!x" excludes x. With
     # data.patch_budget 0 the vision tower and projector are excluded (the step never runs them).
     cfg.trainable = ("all",)
+    # LoRA (apriel_jax/model/lora.py): rank > 0 adds adapters to the target_modules (PEFT names) of the model,
+    # random or from init.from_pretrained, and trains only them: the adapters inside the `trainable` parts
+    # get gradients and optimizer state, every base weight stays frozen.
+    cfg.lora = lora_config()
     cfg.steps = 100
     cfg.grad_accum_steps = 1
     cfg.chunk_size = 1024  # sequence chunk of the cross-entropy (logits are never materialised whole)
@@ -182,6 +187,7 @@ def validate_train_config(cfg) -> None:
     if cfg.optimizer.schedule not in SCHEDULES:
         problems.append(f"optimizer.schedule={cfg.optimizer.schedule!r} is not one of {SCHEDULES}")
     problems.extend(_number_problems(cfg))
+    problems.extend(settings_problems(cfg.lora))
     for key in ("steps", "grad_accum_steps", "chunk_size", "max_bad_steps"):
         if cfg[key] < 1:
             problems.append(f"{key}={cfg[key]} must be >= 1")

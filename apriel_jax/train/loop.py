@@ -54,6 +54,9 @@ from apriel_jax import storage
 from apriel_jax.storage.errors import io_failure, quiet_background_failures
 from apriel_jax.data.errors import DataError
 from apriel_jax.model import create_model
+from apriel_jax.model.factory import adapted_model, merged_model
+from apriel_jax.model.lora import enabled as lora_enabled
+from apriel_jax.model.lora import with_lora
 from apriel_jax.parallel import distributed
 from apriel_jax.parallel.mesh import make_mesh
 from apriel_jax.train.task_eval import TaskEval
@@ -101,15 +104,20 @@ def optimizer_from_config(cfg):
 
 
 def _model(cfg, mesh):
-    """(model config, model): random from ``init.seed`` or loaded from ``init.from_pretrained``. A resumed
-    run loads the pretrained weights too (simple; they are then replaced by the checkpoint's)."""
+    """(model config, model): random from ``init.seed`` or loaded from ``init.from_pretrained``, with fresh
+    LoRA adapters (from ``init.seed``) when ``lora.rank`` > 0. A pretrained model that has adapters of its own
+    (the final of a LoRA stage) starts merged: the run begins from the function it computes. A resumed run
+    loads the pretrained weights too (simple; they are then replaced by the checkpoint's)."""
     if cfg.init.from_pretrained:
         from apriel_jax.checkpoint.pretrained import from_pretrained
 
-        model = from_pretrained(cfg.init.from_pretrained, mesh=mesh, param_dtype=cfg.init.param_dtype or None,
-                                dtype=cfg.init.dtype or None)
+        model = merged_model(from_pretrained(cfg.init.from_pretrained, mesh=mesh,
+                                             param_dtype=cfg.init.param_dtype or None, dtype=cfg.init.dtype or None))
+        if cfg.lora.rank:
+            model = adapted_model(model, cfg.lora, seed=cfg.init.seed, mesh=mesh)
         return model.config.as_configdict(), model
-    return cfg.model, create_model(cfg.model, seed=cfg.init.seed, mesh=mesh)
+    model_cfg = with_lora(cfg.model, cfg.lora) if cfg.lora.rank else cfg.model
+    return model_cfg, create_model(model_cfg, seed=cfg.init.seed, mesh=mesh)
 
 
 def setup(cfg):
@@ -131,13 +139,14 @@ def setup(cfg):
     # same files (a listing of a bucket changing between processes would split the data otherwise).
     distributed.check_same_config(cfg)
     model_cfg, model = _model(cfg, mesh)
-    trainable = trainable_for_step(cfg.trainable, cfg.data.patch_budget)
+    trainable = trainable_for_step(cfg.trainable, cfg.data.patch_budget, adapters=lora_enabled(model_cfg))
     optimizer = optimizer_from_config(cfg)
     graphdef, state = init_train_state(model, optimizer, mesh=mesh, trainable=trainable)
     del model
     step_fn = make_train_step(model_cfg, graphdef, optimizer, mesh, trainable=trainable,
                               grad_accum_steps=cfg.grad_accum_steps, chunk_size=cfg.chunk_size,
-                              z_loss_weight=cfg.z_loss_weight, lm_head_grad_dtype=cfg.lm_head_grad_dtype or None)
+                              z_loss_weight=cfg.z_loss_weight, lm_head_grad_dtype=cfg.lm_head_grad_dtype or None,
+                              dropout_seed=cfg.init.seed)
     data_state, meta = None, {}
     restored = ckpt.restore_latest(abstract_like(state, step_fn.shardings), fallback=cfg.checkpoint.fallback,
                                    log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -2,8 +2,9 @@
 
 Parameters are addressed by their "/"-joined path in the model state, e.g. ``decoder/layers/mlp/gate/kernel``.
 A stage of the recipe trains a subset of the model (realign: the projector only; some CPT stages keep the
-vision tower frozen). Frozen parameters are split out of the differentiated state, so they get neither
-gradients nor optimizer moments (for the 15B model Adam moments alone are 120 GB in fp32).
+vision tower frozen; a LoRA stage only the adapters, ``.../lora_a`` and ``.../lora_b``). Frozen parameters
+are split out of the differentiated state, so they get neither gradients nor optimizer moments (for the 15B
+model Adam moments alone are 120 GB in fp32).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "projector": ("projector/*",),
     "decoder": ("decoder/layers/*", "decoder/norm/*"),
     "embeddings": ("decoder/embed", "decoder/lm_head/*"),
+    "lora": ("*/lora_a", "*/lora_b"),  # LoRA adapters (model/lora.py)
 }
 
 # Never decayed: norm scales and biases (decaying them only shrinks a per-channel gain or offset).
@@ -79,28 +81,34 @@ def matches(name: str, globs: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
-def _signed(patterns: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(included globs, excluded globs): a pattern written ``!name`` excludes what it matches."""
+def _signed(patterns: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """(included globs, excluded globs, required glob sets): a pattern written ``!name`` excludes what it
+    matches; one written ``&name`` keeps only what it matches (e.g. ``&lora``: the adapters among the rest)."""
     patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
-    return (expand_patterns([p for p in patterns if not p.startswith("!")]),
-            expand_patterns([p[1:] for p in patterns if p.startswith("!")]))
+    plain = [p for p in patterns if not p.startswith(("!", "&"))]
+    return (expand_patterns(plain), expand_patterns([p[1:] for p in patterns if p.startswith("!")]),
+            tuple(expand_patterns([p[1:]]) for p in patterns if p.startswith("&")))
 
 
-def trainable_for_step(patterns: Sequence[str], patch_budget: int) -> tuple[str, ...]:
+def trainable_for_step(patterns: Sequence[str], patch_budget: int, adapters: bool = False) -> tuple[str, ...]:
     """The trainable patterns a step actually trains: a text-only step (``patch_budget`` 0) excludes the
-    parts only images reach (IMAGE_PARTS), so they stay frozen, unchanged and without optimizer state."""
+    parts only images reach (IMAGE_PARTS), so they stay frozen, unchanged and without optimizer state. With
+    LoRA ``adapters`` only the adapters inside the trainable parts train; the base weights are all frozen."""
     patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
-    return patterns if patch_budget else (*patterns, *(f"!{p}" for p in IMAGE_PARTS))
+    if not patch_budget:
+        patterns = (*patterns, *(f"!{p}" for p in IMAGE_PARTS))
+    return (*patterns, "&lora") if adapters else patterns
 
 
 def trainable_filter(patterns: Sequence[str]) -> Callable:
-    """An nnx filter ``(path, variable) -> bool`` selecting parameters matched by groups or globs (and by
-    no ``!``-pattern)."""
-    include, exclude = _signed(patterns)
+    """An nnx filter ``(path, variable) -> bool`` selecting parameters matched by groups or globs, by no
+    ``!``-pattern and by every ``&``-pattern."""
+    include, exclude, required = _signed(patterns)
 
     def select(path, variable) -> bool:
         name = param_path(path)
-        return isinstance(variable, nnx.Param) and matches(name, include) and not matches(name, exclude)
+        return (isinstance(variable, nnx.Param) and matches(name, include) and not matches(name, exclude)
+                and all(matches(name, globs) for globs in required))
 
     return select
 
@@ -110,7 +118,7 @@ def split_trainable(state: nnx.State, patterns: Sequence[str]) -> tuple[nnx.Stat
     config would otherwise silently freeze the whole model."""
     names = [param_path(p) for p, _ in nnx.to_flat_state(state)]
     for p in (patterns,) if isinstance(patterns, str) else patterns:
-        if not any(matches(n, expand_patterns([p.removeprefix("!")])) for n in names):
+        if not any(matches(n, expand_patterns([p.lstrip("!&")])) for n in names):
             raise ValueError(f"trainable pattern {p!r} matches no parameter; groups: {sorted(GROUPS)}, "
                              f"or a glob over paths like {names[0]!r}")
     trainable, frozen = nnx.split_state(state, trainable_filter(patterns), ...)

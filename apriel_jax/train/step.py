@@ -15,12 +15,14 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from apriel_jax.data.batch_check import check_batch_in_debug
 from apriel_jax.model.factory import abstract_model, state_shardings
+from apriel_jax.model.lora import enabled as lora_enabled
 from apriel_jax.parallel.mesh import make_mesh
 from apriel_jax.parallel.rules import DEFAULT_RULES, batch_degree, logical_to_spec
 from apriel_jax.train.loss import chunked_cross_entropy
@@ -88,7 +90,7 @@ def _check_graphdef(cfg, graphdef) -> None:
     """The graphdef carries static module attributes (compute dtype, remat policy, attention impl), so a
     graphdef from a model built with another config would silently run that config."""
     built = nnx.merge(graphdef, nnx.state(abstract_model(cfg))).config.to_dict()
-    if built != cfg.to_dict():
+    if built != ml_collections.FrozenConfigDict(cfg).to_dict():  # both with tuples (a JSON config has lists)
         diff = sorted(k for k in set(built) | set(cfg) if built.get(k) != cfg.get(k))
         raise ValueError(f"graphdef was built from a different model config (differs in {diff}); "
                          "use the graphdef of a model created from this config")
@@ -97,7 +99,7 @@ def _check_graphdef(cfg, graphdef) -> None:
 def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = None, *,
                     trainable: Sequence[str] = ("all",), grad_accum_steps: int = 1, chunk_size: int = 1024,
                     z_loss_weight: float = 0.0, lm_head_grad_dtype: str | None = None, rules=DEFAULT_RULES,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, dropout_seed: int = 0) -> Callable:
     """``step(state, batch) -> (new_state, metrics)`` jitted over ``mesh``.
 
     ``batch`` follows the batch contract (README) with a global batch of B rows, split into
@@ -107,7 +109,9 @@ def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = Non
     cross-entropy), z_loss, grad_norm (before clipping), lr, tokens (counted tokens), skipped (1 when the
     loss, the gradient norm or the update was non-finite and the update was dropped). With ``donate`` the input
     state's buffers are reused for the output and must not be read afterwards. ``lm_head_grad_dtype``
-    is the dtype the LM head's gradient is reduced across devices in (default: the compute dtype).
+    is the dtype the LM head's gradient is reduced across devices in (default: the compute dtype). A model
+    with LoRA dropout draws its masks from ``dropout_seed``, the step counter and the micro-batch index, so
+    a resumed run repeats them exactly.
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
@@ -121,10 +125,11 @@ def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = Non
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, *batch_spec))
     replicated = NamedSharding(mesh, PartitionSpec())
     compute_dtype = jnp.dtype(cfg.dtype)
+    dropout = lora_enabled(cfg) and cfg.lora.dropout > 0
 
-    def loss_fn(params, frozen, micro, total_tokens):
+    def loss_fn(params, frozen, micro, total_tokens, dropout_key):
         model = nnx.merge(graphdef, params, frozen)
-        hidden, _ = model.hidden_states(micro)
+        hidden, _ = model.hidden_states(micro, dropout_key=dropout_key)
         loss_sum, count, z_sum = chunked_cross_entropy(
             hidden, lm_kernel(model), micro["targets"], micro["loss_mask"], chunk_size=chunk_size,
             z_loss_weight=z_loss_weight, compute_dtype=compute_dtype, grad_reduce_dtype=lm_head_grad_dtype,
@@ -141,14 +146,18 @@ def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = Non
         total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         micro_batches = {k: split_micro(v) for k, v in batch.items()}
         grad_fn = jax.grad(loss_fn, has_aux=True)
+        step_key = jax.random.fold_in(jax.random.key(dropout_seed), state.step) if dropout else None
 
-        def accumulate(carry, micro):
+        def accumulate(carry, micro_and_index):
             grads, sums = carry
-            g, aux = grad_fn(state.params, state.frozen, micro, total)
+            micro, index = micro_and_index
+            key = None if step_key is None else jax.random.fold_in(step_key, index)
+            g, aux = grad_fn(state.params, state.frozen, micro, total, key)
             return (jax.tree.map(jnp.add, grads, g), sums + aux), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(3, jnp.float32)), micro_batches)
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(3, jnp.float32)),
+                                        (micro_batches, jnp.arange(accum)))
         loss_sum, count, z_sum = sums[0], sums[1], sums[2]
         grad_norm = optax.tree.norm(grads)
         updates, new_opt, lr = optimizer.update(grads, state.opt_state, state.params, state.step)

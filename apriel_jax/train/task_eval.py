@@ -12,8 +12,8 @@ difficulty of the run's synthetic training source. Each task reports three numbe
   here; one that only learned the answer prior scores the same with and without the image.
 
 Every prompt is rendered with the run's chat format and tokenizer and all are answered in one batched
-``generate`` call with static shapes (the run's sequence length and patch budget), so the metric compiles
-once and never touches the train step's executable.
+``generate`` call whose shapes are fixed by the questions (the longest one and its image's patches), so the
+metric compiles once per run and never touches the train step's executable.
 """
 
 from __future__ import annotations
@@ -73,8 +73,10 @@ class TaskEval:
             self.answers[task] = [q["answer"][key] for q in questions]
             for blind in (False, True):
                 prompts += [self._prompt(q["messages"], blind) for q in questions]
-        self.batch = prompt_batch(prompts, seq_len=cfg.data.seq_len, patch_budget=cfg.data.patch_budget,
-                                  pad_id=self.tokenizer.pad_id, image_id=self.tokenizer.image_id)
+        # As long as the longest question and as many patches as its image has, not the training row's
+        # seq_len and patch_budget: the prompts are ~1/10 of a row, and the vision tower and the prefill
+        # would otherwise run mostly on padding.
+        self.batch = prompt_batch(prompts, pad_id=self.tokenizer.pad_id, image_id=self.tokenizer.image_id)
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_tokens=(self.tokenizer.eos_id,),
                                        pad_id=self.tokenizer.pad_id)
 
