@@ -272,7 +272,7 @@ from apriel_jax.train.optimizer import GROUPS, trainable_param_counts
 
 TRAINABLE = ("decoder", "embeddings")
 base_cfg = read_hf_config(BASE_CHECKPOINT)
-for group in [g for g in GROUPS if g != "all"]:
+for group in [g for g in GROUPS if g not in ("all", "lora")]:  # lora: adapters, which a base model has none of
     print(f"  {group:<11} {trainable_param_counts(base_cfg, (group,))[0]:>12,} parameters")
 trainable, frozen = trainable_param_counts(base_cfg, TRAINABLE)
 print(f"trainable {TRAINABLE}: {trainable:,}; frozen: {frozen:,} "

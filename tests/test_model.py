@@ -1,6 +1,7 @@
 """Model structure: presets, sharded creation, static shapes, remat, RoPE layout."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,7 +102,7 @@ def _count_primitive(jaxpr, name: str) -> int:
     total = 0
     for eqn in jaxpr.eqns:
         total += eqn.primitive.name == name
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             total += _count_primitive(sub, name)
     return total
 
