@@ -1,4 +1,6 @@
-"""The ``apriel-jax`` command line: ``demo``, ``convert``, ``generate``, ``data``.
+"""The ``apriel-jax`` command line: ``demo`` and ``data`` here; ``convert`` (cli_convert), ``generate``
+(cli_generate), ``train`` and ``plot`` (cli_train), ``pipeline`` (cli_pipeline) and ``aot`` (cli_aot) in
+their own modules.
 
 Heavy imports (jax, flax, transformers) happen inside the subcommand handlers, so ``--help`` is fast
 and a typo in the arguments is reported before anything is loaded.
@@ -11,9 +13,7 @@ traceback); anything else is a bug and propagates with its traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import re
 import sys
 import time
 
@@ -36,16 +36,6 @@ config:
   check_transformers, transformers_rtol, matmul_precision.
 
 Every step checks its result; a failed check stops the run with an error (exit code 1).
-"""
-
-_CONVERT_EPILOG = """\
-checkpoint formats:
-  hf       config.json + model*.safetensors (LlavaForConditionalGeneration)
-  orbax    apriel_config.json + params/ (apriel-jax's own)
-  mistral  params.json + consolidated.safetensors (e.g. Pixtral-12B-2409)
-  peft     adapter_config.json + adapter_model.safetensors (LoRA adapters, PeftModel.from_pretrained)
-Tokenizer, chat template and processor files next to the weights are carried along. A checkpoint
-with LoRA adapters (a LoRA run's) is written to HF merged; orbax-to-peft writes the adapters alone.
 """
 
 _DATA_EPILOG = """\
@@ -80,39 +70,13 @@ output:
   over the rows' capacity) and the converter's counters.
 """
 
-_GENERATE_EPILOG = """\
-The prompt is <s>, then each --image in order (Pixtral's [IMG]/[IMG_BREAK]/[IMG_END] layout), then
-the --prompt text; instruction-tuned checkpoints see raw text unless --chat renders a user turn.
-Generation stops at </s> or after --max-new-tokens tokens.
-"""
-
-
-def _size_in_bytes(text: str) -> int:
-    """'5GB' -> 5e9, '500MiB' -> 500 * 2**20, '1000' -> 1000 (decimal units as in transformers)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", text, flags=re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 5GB, 500MB, 2GiB or a byte count")
-    unit = (m.group(2) or "b").lower()
-    scale = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}[unit]
-    size = int(float(m.group(1)) * scale)
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be at least one byte")
-    return size
-
-
-def _dtype_name(text: str) -> str:
-    allowed = ("float32", "bfloat16", "float16")
-    if text not in allowed:
-        raise argparse.ArgumentTypeError(f"unsupported dtype {text!r}; choose one of {', '.join(allowed)}")
-    return text
-
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="apriel-jax", formatter_class=fmt,
-        description="Apriel-1.5 / Pixtral in JAX: demo run, checkpoint conversion, generation, data tools.",
+        description="Apriel-1.5 / Pixtral in JAX: demo run, checkpoint conversion, generation, data tools, training,\n"
+                    "the staged recipe (pipeline) and TPU fit checks compiled ahead of time (aot).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     # Subcommands accept --debug too; SUPPRESS keeps their unset default from hiding the top-level one.
@@ -131,73 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="config file defining get_config() (PATH or PATH:ARG); default: embedded quickstart")
     demo.set_defaults(handler=_run_demo)
 
-    convert = commands.add_parser(
-        "convert", formatter_class=fmt, epilog=_CONVERT_EPILOG,
-        help="convert checkpoints between HF, orbax and Mistral formats",
-        description="Convert a checkpoint directory SRC into a new directory DST.",
-    )
-    kinds = convert.add_subparsers(dest="conversion", metavar="CONVERSION", required=True)
+    from apriel_jax.cli_convert import add_parser as _add_convert_parser
 
-    def conversion(name, help_text):
-        sub = kinds.add_parser(name, parents=[debug], formatter_class=fmt, epilog=_CONVERT_EPILOG,
-                               help=help_text, description=help_text)
-        sub.add_argument("src", metavar="SRC", help="source checkpoint directory")
-        sub.add_argument("dst", metavar="DST", help="output directory (must not exist or be empty)")
-        sub.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-        sub.set_defaults(handler=_run_convert)
-        return sub
+    _add_convert_parser(commands, debug, fmt)
+    from apriel_jax.cli_generate import add_parser as _add_generate_parser
 
-    def shard_option(sub):
-        sub.add_argument("--max-shard-size", type=_size_in_bytes, default=_size_in_bytes("5GB"), metavar="SIZE",
-                         help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
-
-    sub = conversion("hf-to-orbax", "HF safetensors (or Mistral) -> apriel-jax orbax checkpoint")
-    sub.add_argument("--param-dtype", type=_dtype_name, metavar="DTYPE",
-                     help="dtype to store parameters in (default: the checkpoint's)")
-    sub = conversion("orbax-to-hf", "apriel-jax orbax checkpoint -> HF LlavaForConditionalGeneration")
-    sub.add_argument("--dtype", type=_dtype_name, metavar="DTYPE", help="dtype of the written tensors "
-                     "(default: the parameters')")
-    shard_option(sub)
-    sub = conversion("orbax-to-peft", "the LoRA adapters of an apriel-jax orbax checkpoint -> PEFT adapter "
-                     "directory (orbax-to-hf writes the model with them merged)")
-    sub.add_argument("--dtype", type=_dtype_name, metavar="DTYPE", help="dtype of the written tensors "
-                     "(default: the parameters')")
-    sub.add_argument("--base", default="", metavar="PATH_OR_NAME",
-                     help="the HF base model the adapters apply to (adapter_config.json base_model_name_or_path)")
-    sub = conversion("mistral-to-hf", "Mistral consolidated (params.json) -> HF LlavaForConditionalGeneration")
-    sub.add_argument("--dtype", type=_dtype_name, metavar="DTYPE", help="dtype of the written tensors "
-                     "(default: the checkpoint's)")
-    shard_option(sub)
-    sub = conversion("hf-to-mistral", "HF LlavaForConditionalGeneration -> Mistral consolidated (params.json)")
-    sub.add_argument("--dtype", type=_dtype_name, metavar="DTYPE", help="dtype of the written tensors "
-                     "(default: the checkpoint's)")
-
-    gen = commands.add_parser(
-        "generate", parents=[debug], formatter_class=fmt, epilog=_GENERATE_EPILOG,
-        help="generate text from a checkpoint, a prompt and optional images",
-        description="Load a checkpoint (HF, Mistral or orbax directory) and its tokenizer (tokenizer.json\n"
-                    "or tekken.json in the same directory) and continue a prompt.",
-    )
-    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
-    gen.add_argument("--image", action="append", default=[], metavar="PATH",
-                     help="an image file to put before the text (repeat for several, kept in order)")
-    gen.add_argument("--prompt", required=True, metavar="TEXT", help="prompt text, after the images")
-    gen.add_argument("--chat", choices=("apriel", "think", "nothink"), metavar="MODE",
-                     help="render the prompt as a user turn in this chat format (apriel | think | nothink) "
-                          "and print the reasoning and the final answer separately; apriel uses the "
-                          "checkpoint's chat template when it has one")
-    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
-    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass, 1 = off (default)")
-    gen.add_argument("--top-k", type=int, default=0, metavar="K",
-                     help="keep the k most likely tokens, 0 = off (default)")
-    gen.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
-    gen.add_argument("--longest-edge", type=int, default=1024, metavar="PIXELS",
-                     help="resize images so their longest side is at most this (default: 1024; capped at "
-                          "the model's vision image_size)")
-    gen.add_argument("--dtype", type=_dtype_name, metavar="DTYPE",
-                     help="compute and parameter dtype (default: the checkpoint's)")
-    gen.set_defaults(handler=_run_generate)
+    _add_generate_parser(commands, debug, fmt)
     _add_data_parser(commands, debug, fmt)
     from apriel_jax.cli_train import add_parsers as _add_train_parsers  # train, plot (light imports)
 
@@ -278,121 +181,6 @@ def _run_demo(args, overrides: list[str]) -> int:
     cfg = load_config_file(args.config) if args.config else default_config()
     apply_overrides(cfg, overrides)
     run_demo(cfg)
-    return 0
-
-
-def _dir_summary(path) -> str:
-    from apriel_jax import storage
-
-    # Walked level by level with iterdir: epath refuses recursive globs on gs://.
-    files, pending = [], [storage.location(path)]
-    with storage.storage_errors(pending[0], "list"):
-        while pending:
-            for entry in pending.pop().iterdir():
-                (pending if entry.is_dir() else files).append(entry)
-        size = sum(f.stat().length for f in files)
-    return f"{len(files)} files, {size / 1e6:.1f} MB"
-
-
-def _run_convert(args, overrides: list[str]) -> int:
-    from apriel_jax import storage
-    from apriel_jax.checkpoint import pretrained
-
-    start = time.perf_counter()
-    kind = args.conversion
-    # Credentials, buckets and write access of gs:// locations, before any loading work.
-    storage.preflight(read=[args.src], write=[args.dst])
-    dst = storage.location(args.dst)
-    with storage.storage_errors(dst, "list"):
-        occupied = dst.is_dir() and any(True for _ in dst.iterdir())
-    if occupied and not args.overwrite:
-        # Checked here as well so the message names the CLI flag, and before any loading work.
-        raise FileExistsError(f"{args.dst} exists and is not empty (pass --overwrite to replace it)")
-    if kind == "hf-to-orbax":
-        out = pretrained.hf_to_orbax(args.src, args.dst, param_dtype=args.param_dtype, overwrite=args.overwrite)
-    elif kind == "orbax-to-hf":
-        out = pretrained.orbax_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                                     max_shard_bytes=args.max_shard_size)
-    elif kind == "orbax-to-peft":
-        out = pretrained.orbax_to_peft(args.src, args.dst, base_model_name_or_path=args.base, dtype=args.dtype,
-                                       overwrite=args.overwrite)
-    elif kind == "mistral-to-hf":
-        out = pretrained.mistral_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                                       max_shard_bytes=args.max_shard_size)
-    else:
-        out = pretrained.hf_to_mistral(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"{kind}: wrote {out} ({_dir_summary(out)}) in {time.perf_counter() - start:.1f}s")
-    return 0
-
-
-def _run_generate(args, overrides: list[str]) -> int:
-    import jax
-    import numpy as np
-
-    from apriel_jax.chat import check_tokenizer_fits
-    from apriel_jax.checkpoint.pretrained import detect_format, from_pretrained
-    from apriel_jax.data.images import ImageConfig, load_image
-    from apriel_jax.data.prompt import encode_prompt, prompt_batch
-    from apriel_jax.data.tokenizer import load_tokenizer
-    from apriel_jax.model.generate import SamplingConfig, generate
-
-    # Cheap checks first: bad settings, a missing tokenizer or image should not cost a model load.
-    detect_format(args.checkpoint)  # raises for a missing directory or one that holds no checkpoint
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
-    try:
-        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, top_k=args.top_k)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    tokenizer = load_tokenizer(args.checkpoint)
-    images = [load_image(path) for path in args.image]
-    if args.chat:
-        return _chat_generate(args, sampling, tokenizer, images)
-
-    start = time.perf_counter()
-    model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
-    cfg = model.config
-    image_cfg = ImageConfig(longest_edge=min(args.longest_edge, cfg.vision.image_size),
-                            patch_size=cfg.vision.patch_size)
-    ids, encoded = encode_prompt([*images, args.prompt], tokenizer, image_cfg)
-    check_tokenizer_fits(cfg, tokenizer, ids)
-    batch = prompt_batch([(ids, encoded)], pad_id=tokenizer.pad_id, image_id=tokenizer.image_id)
-    loaded = time.perf_counter() - start
-
-    sampling = dataclasses.replace(sampling, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
-    start = time.perf_counter()
-    new, _ = generate(model, batch, sampling, rng=jax.random.key(args.seed))
-    new = np.asarray(new)[0].tolist()
-    if tokenizer.eos_id in new:
-        new = new[: new.index(tokenizer.eos_id)]
-    text = tokenizer.decode(new)
-    print(text)
-    print(f"[{len(ids)} prompt tokens ({len(images)} image(s)), {len(new)} new tokens; load {loaded:.1f}s, "
-          f"generate {time.perf_counter() - start:.1f}s]", file=sys.stderr)
-    return 0
-
-
-def _chat_generate(args, sampling, tokenizer, images) -> int:
-    from apriel_jax.chat import chat
-    from apriel_jax.checkpoint.pretrained import from_pretrained
-    from apriel_jax.data.chat_template import ChatTemplate
-
-    template = ChatTemplate.from_checkpoint(args.checkpoint)  # None: the built-in Apriel renderer
-    model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
-    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": args.prompt}]
-    start = time.perf_counter()
-    try:
-        reply = chat(model, tokenizer, [{"role": "user", "content": content}], mode=args.chat, sampling=sampling,
-                     seed=args.seed, longest_edge=args.longest_edge, template=template)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if reply.reasoning:
-        print(f"reasoning: {reply.reasoning}")
-    print(f"answer: {reply.answer}")
-    for call in reply.tool_calls:
-        print(f"tool call: {call}")
-    print(f"[{len(reply.tokens)} new tokens; generate {time.perf_counter() - start:.1f}s]", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,118 @@
+"""``apriel-jax generate``: continue a prompt (optionally with images, optionally as a chat turn) from a
+checkpoint directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+from apriel_jax.cli_convert import dtype_name
+
+_GENERATE_EPILOG = """\
+The prompt is <s>, then each --image in order (Pixtral's [IMG]/[IMG_BREAK]/[IMG_END] layout), then
+the --prompt text; instruction-tuned checkpoints see raw text unless --chat renders a user turn.
+Generation stops at </s> or after --max-new-tokens tokens.
+"""
+
+
+def add_parser(commands, debug, fmt) -> None:
+    gen = commands.add_parser(
+        "generate", parents=[debug], formatter_class=fmt, epilog=_GENERATE_EPILOG,
+        help="generate text from a checkpoint, a prompt and optional images",
+        description="Load a checkpoint (HF, Mistral or orbax directory) and its tokenizer (tokenizer.json\n"
+                    "or tekken.json in the same directory) and continue a prompt.",
+    )
+    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image file to put before the text (repeat for several, kept in order)")
+    gen.add_argument("--prompt", required=True, metavar="TEXT", help="prompt text, after the images")
+    gen.add_argument("--chat", choices=("apriel", "think", "nothink"), metavar="MODE",
+                     help="render the prompt as a user turn in this chat format (apriel | think | nothink) "
+                          "and print the reasoning and the final answer separately; apriel uses the "
+                          "checkpoint's chat template when it has one")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass, 1 = off (default)")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K",
+                     help="keep the k most likely tokens, 0 = off (default)")
+    gen.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
+    gen.add_argument("--longest-edge", type=int, default=1024, metavar="PIXELS",
+                     help="resize images so their longest side is at most this (default: 1024; capped at "
+                          "the model's vision image_size)")
+    gen.add_argument("--dtype", type=dtype_name, metavar="DTYPE",
+                     help="compute and parameter dtype (default: the checkpoint's)")
+    gen.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args, overrides: list[str]) -> int:
+    import jax
+    import numpy as np
+
+    from apriel_jax.chat import check_tokenizer_fits
+    from apriel_jax.checkpoint.pretrained import detect_format, from_pretrained
+    from apriel_jax.cli import UsageError
+    from apriel_jax.data.images import ImageConfig, load_image
+    from apriel_jax.data.prompt import encode_prompt, prompt_batch
+    from apriel_jax.data.tokenizer import load_tokenizer
+    from apriel_jax.model.generate import SamplingConfig, generate
+
+    # Cheap checks first: bad settings, a missing tokenizer or image should not cost a model load.
+    detect_format(args.checkpoint)  # raises for a missing directory or one that holds no checkpoint
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+    try:
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    tokenizer = load_tokenizer(args.checkpoint)
+    images = [load_image(path) for path in args.image]
+    if args.chat:
+        return _chat_generate(args, sampling, tokenizer, images)
+
+    start = time.perf_counter()
+    model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
+    cfg = model.config
+    image_cfg = ImageConfig(longest_edge=min(args.longest_edge, cfg.vision.image_size),
+                            patch_size=cfg.vision.patch_size)
+    ids, encoded = encode_prompt([*images, args.prompt], tokenizer, image_cfg)
+    check_tokenizer_fits(cfg, tokenizer, ids)
+    batch = prompt_batch([(ids, encoded)], pad_id=tokenizer.pad_id, image_id=tokenizer.image_id)
+    loaded = time.perf_counter() - start
+
+    sampling = dataclasses.replace(sampling, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+    start = time.perf_counter()
+    new, _ = generate(model, batch, sampling, rng=jax.random.key(args.seed))
+    new = np.asarray(new)[0].tolist()
+    if tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    text = tokenizer.decode(new)
+    print(text)
+    print(f"[{len(ids)} prompt tokens ({len(images)} image(s)), {len(new)} new tokens; load {loaded:.1f}s, "
+          f"generate {time.perf_counter() - start:.1f}s]", file=sys.stderr)
+    return 0
+
+
+def _chat_generate(args, sampling, tokenizer, images) -> int:
+    from apriel_jax.chat import chat
+    from apriel_jax.checkpoint.pretrained import from_pretrained
+    from apriel_jax.cli import UsageError
+    from apriel_jax.data.chat_template import ChatTemplate
+
+    template = ChatTemplate.from_checkpoint(args.checkpoint)  # None: the built-in Apriel renderer
+    model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
+    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": args.prompt}]
+    start = time.perf_counter()
+    try:
+        reply = chat(model, tokenizer, [{"role": "user", "content": content}], mode=args.chat, sampling=sampling,
+                     seed=args.seed, longest_edge=args.longest_edge, template=template)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if reply.reasoning:
+        print(f"reasoning: {reply.reasoning}")
+    print(f"answer: {reply.answer}")
+    for call in reply.tool_calls:
+        print(f"tool call: {call}")
+    print(f"[{len(reply.tokens)} new tokens; generate {time.perf_counter() - start:.1f}s]", file=sys.stderr)
+    return 0
