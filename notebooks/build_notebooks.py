@@ -20,11 +20,6 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
-# Placeholder: set it to the repository's GitHub address before publishing the notebooks.
-REPO_URL = "https://github.com/YOUR-ORG/apriel-jax"
-COLAB = "https://colab.research.google.com/github/YOUR-ORG/apriel-jax/blob/main/notebooks/{name}"
-
-
 def md(text: str):
     return new_markdown_cell(textwrap.dedent(text).strip())
 
@@ -33,41 +28,95 @@ def code(text: str):
     return new_code_cell(textwrap.dedent(text).strip())
 
 
-def header(title: str, name: str, body: str):
-    return md(f"""\
-# {title}
-
-[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({COLAB.format(name=name)})
-
-""" + textwrap.dedent(body).strip())
+def header(title: str, body: str):
+    return md(f"# {title}\n\n" + textwrap.dedent(body).strip())
 
 
-def install_cell(clone: bool = False):
-    """Colab only: install apriel-jax from GitHub (with the accelerator's jax plugin)."""
-    clone_lines = ""
-    if clone:
-        clone_lines = """
-    # The pipeline configs (configs/pipelines/*.py) are not part of the installed package: clone them too.
-    if not os.path.isdir("/content/apriel-jax"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/apriel-jax"], check=True)"""
-    return code(f"""\
+# The first code cell of every notebook. It must run before apriel_jax is importable, so it uses the standard
+# library only; tests/test_notebooks.py executes it against a checkout, the package index, a git URL and
+# nothing at all (with pip and git replaced by recorders).
+INSTALL_CELL = '''\
+# Installs apriel-jax (with the jax plugin of the runtime's accelerator) when this kernel cannot import it
+# yet, e.g. in a fresh Colab session. Where from, first match wins:
+#   1. APRIEL_JAX_SOURCE (here or in the environment): a checkout directory, a git URL (cloned to ./apriel-jax
+#      and installed from there, so the repository's configs/ come along) or a wheel file;
+#   2. the checkout this notebook was opened from (a folder above the working directory with setup.py);
+#   3. the package index.
+APRIEL_JAX_SOURCE = ""  # @param {type:"string"}
+
+import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-REPO_URL = "{REPO_URL}"  # placeholder: the apriel-jax repository on GitHub
 
-if "google.colab" in sys.modules:
-    # jax with the plugin of the runtime's accelerator: CUDA 12 on a GPU runtime, libtpu on a TPU runtime.
-    extra = ""
+class InstallStopped(Exception):
+    """Why the cell could not install apriel-jax; Jupyter shows this one line instead of a traceback."""
+
+    def _render_traceback_(self):
+        return [f"InstallStopped: {self}"]
+
+
+def accelerator_extra():
     if shutil.which("nvidia-smi"):
-        extra = "[cuda12]"
-    elif os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0") or "COLAB_TPU_ADDR" in os.environ:
-        extra = "[tpu]"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"apriel-jax{{extra}} @ git+{{REPO_URL}}"],
-                   check=True){clone_lines}
-    # If pip upgraded numpy or jax that were already imported: Runtime -> Restart session, run again.""")
+        return "[cuda12]"
+    if os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0") or "COLAB_TPU_ADDR" in os.environ:
+        return "[tpu]"
+    return ""
+
+
+def checkout_above(folder):
+    for candidate in [folder, *folder.parents]:
+        if (candidate / "setup.py").is_file() and (candidate / "apriel_jax").is_dir():
+            return candidate
+    return None
+
+
+def pip_install(*requirement):
+    return subprocess.run([sys.executable, "-m", "pip", "install", "-q", *requirement]).returncode == 0
+
+
+def install_apriel_jax():
+    if importlib.util.find_spec("apriel_jax") is not None:
+        return "already importable"
+    source, extra = APRIEL_JAX_SOURCE or os.environ.get("APRIEL_JAX_SOURCE", ""), accelerator_extra()
+    if source.startswith(("git+", "https://", "http://", "git@", "ssh://")):
+        clone = Path("apriel-jax").resolve()
+        url = source.removeprefix("git+")
+        if not clone.is_dir() and subprocess.run(["git", "clone", "--depth", "1", url, str(clone)]).returncode:
+            raise InstallStopped(f"git could not clone {url}: check APRIEL_JAX_SOURCE and the network, then rerun")
+        source = str(clone)
+    if source and not Path(source).exists():
+        raise InstallStopped(f"APRIEL_JAX_SOURCE={source!r} is neither a git URL nor an existing checkout or wheel")
+    checkout = (Path(source).resolve() if source and Path(source).is_dir() else
+                None if source else checkout_above(Path.cwd().resolve()))
+    if checkout is not None:
+        if not pip_install("-e", f"{checkout}{extra}"):
+            raise InstallStopped(f"pip could not install the checkout {checkout}: see pip's messages above")
+        sys.path.insert(0, str(checkout))  # an editable install is seen by new kernels only; this one now too
+        where = f"checkout {checkout}"
+    elif source:
+        if not pip_install(f"apriel-jax{extra} @ {Path(source).resolve().as_uri()}"):
+            raise InstallStopped(f"pip could not install {source}: see pip's messages above")
+        where = f"wheel {source}"
+    elif pip_install(f"apriel-jax{extra}"):
+        where = "the package index"
+    else:
+        raise InstallStopped("apriel-jax is not installed and the package index has no release of it: set "
+                             "APRIEL_JAX_SOURCE at the top of this cell to the repository's git URL, a checkout "
+                             "directory or a wheel file, then run the cell again")
+    importlib.invalidate_caches()
+    if importlib.util.find_spec("apriel_jax") is None:
+        raise InstallStopped("apriel-jax was installed but this kernel cannot import it: restart the session "
+                             "(Colab: Runtime > Restart session) and run the notebook again")
+    return f"installed from {where}{extra}"
+
+
+print("apriel-jax:", install_apriel_jax())
+# If pip upgraded numpy or jax that this kernel had already imported: restart the session and run again.'''
 
 
 RUNTIME_CELL = """\
@@ -124,18 +173,17 @@ def describe(path):
 
 
 def quickstart():
-    name = "01_quickstart.ipynb"
     return [
-        header("apriel-jax quickstart: load a checkpoint and chat with an image", name, """\
+        header("apriel-jax quickstart: load a checkpoint and chat with an image", """\
 This notebook runs on a Colab CPU, GPU or TPU runtime (or any Jupyter with `apriel-jax` installed):
 
-1. installs `apriel-jax` (Colab only) and detects the runtime;
+1. installs `apriel-jax` when the kernel cannot import it yet (a fresh Colab session) and detects the runtime;
 2. picks a device mesh: FSDP over every device;
 3. loads a checkpoint with `apriel_jax.from_pretrained`: by default a **tiny random model** built on the
    fly, or a real Apriel-1.5 / Pixtral checkpoint in Hugging Face format;
 4. chats with it about an image (`apriel_jax.chat.chat`) and prints the reasoning and the final answer
    separately."""),
-        install_cell(),
+        code(INSTALL_CELL),
         md("""\
 ## Runtime and mesh
 
@@ -235,9 +283,8 @@ check), `04_recipe.ipynb` (the whole Apriel training recipe on a tiny model)."""
 
 
 def finetune():
-    name = "02_finetune.ipynb"
     return [
-        header("Fine-tune (SFT) with frozen groups, a live loss curve and an HF export", name, """\
+        header("Fine-tune (SFT) with frozen groups, a live loss curve and an HF export", """\
 Supervised fine-tuning of a model on reasoning chats, as in the SFT stage of the Apriel-1.5 recipe:
 
 * data: the 20 chats shipped with the package (`chat_sft.jsonl`: math word problems with worked
@@ -250,7 +297,7 @@ Supervised fine-tuning of a model on reasoning chats, as in the SFT stage of the
 
 By default the base model is a tiny random model (CPU-friendly: a few minutes on a Colab CPU); point
 `BASE_CHECKPOINT` at a real HF checkpoint and raise `SEQ_LEN` for a real run (on an accelerator)."""),
-        install_cell(),
+        code(INSTALL_CELL),
         code(RUNTIME_CELL),
         code(TINY_CHECKPOINT),
         code("""\
@@ -432,9 +479,8 @@ print("answer:", reply.answer)"""),
 
 
 def conversion():
-    name = "03_conversion.ipynb"
     return [
-        header("Checkpoint conversion: Hugging Face → orbax → Hugging Face, with a parity check", name, """\
+        header("Checkpoint conversion: Hugging Face → orbax → Hugging Face, with a parity check", """\
 apriel-jax reads and writes three formats: Hugging Face (`LlavaForConditionalGeneration` with a Pixtral
 vision tower), Mistral consolidated, and its own orbax checkpoints (sharded, restorable onto any mesh).
 This notebook
@@ -447,7 +493,7 @@ This notebook
 
 The same conversions exist on the command line:
 `apriel-jax convert hf-to-orbax SRC DST` and `apriel-jax convert orbax-to-hf SRC DST [--dtype bfloat16]`."""),
-        install_cell(),
+        code(INSTALL_CELL),
         code(RUNTIME_CELL + """\
 # Full-precision fp32 matmuls: TPUs and GPUs otherwise round them (bf16 passes / TF32), which the parity
 # check below would measure instead of the conversion.
@@ -671,9 +717,8 @@ parameter-wise mean (streamed a few tensors at a time, fp32 accumulation).""",
 
 
 def recipe():
-    name = "04_recipe.ipynb"
     cells = [
-        header("The Apriel-1.5 training recipe, stage by stage", name, """\
+        header("The Apriel-1.5 training recipe, stage by stage", """\
 Apriel-1.5-15B-Thinker (arXiv 2510.01141) is Pixtral-12B made deeper and trained further in stages:
 **depth upscaling → projector realignment → two continual-pretraining stages → SFT runs → merge**. In
 apriel-jax the recipe is a **pipeline config**: a list of declarative stages (init, transform, frozen
@@ -683,7 +728,7 @@ This notebook explains each stage, prints the plan of the tiny **demo pipeline**
 config, then runs the demo pipeline one stage at a time (minutes on a CPU), plots the loss curves,
 prints the summary and exports the final model to Hugging Face format, checked against transformers.
 The command-line equivalent is `apriel-jax pipeline` (and `apriel-jax pipeline --plan`)."""),
-        install_cell(clone=True),
+        code(INSTALL_CELL),
         code(RUNTIME_CELL),
         md("""\
 ## The plan of the demo pipeline
@@ -710,15 +755,15 @@ print(plan_text(cfg))"""),
 `configs/pipelines/apriel_15b.py` is the same recipe for the 15B model, sized for TPU v5p pods: the
 paper's sequence lengths, learning rates, schedules, frozen groups, mixture proportions, averaging and
 merge. Batch sizes and token budgets are not published; the config marks the values it chose. The file is
-in the repository, not in the installed package: in Colab the install cell clones the repository to
-`/content/apriel-jax` for it (running it needs the data shards and a TPU pod; planning needs neither)."""),
+in the repository, not in the installed package: it is found when apriel-jax was installed from a checkout
+or from a git URL, which the install cell clones to `./apriel-jax` (running it needs the data shards and a
+TPU pod; planning needs neither)."""),
         code("""\
 import apriel_jax
 from apriel_jax.utils.config_cli import load_config_file
 
 candidates = [Path("configs/pipelines/apriel_15b.py"),
-              Path(apriel_jax.__file__).resolve().parents[1] / "configs/pipelines/apriel_15b.py",
-              Path("/content/apriel-jax/configs/pipelines/apriel_15b.py")]
+              Path(apriel_jax.__file__).resolve().parents[1] / "configs/pipelines/apriel_15b.py"]
 found = next((p for p in candidates if p.is_file()), None)
 if found is None:
     print("configs/pipelines/apriel_15b.py not found: clone the repository to see the full-size plan")
