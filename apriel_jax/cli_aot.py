@@ -8,7 +8,10 @@ compile time, and XLA's FLOP count against the analytic model FLOPs; then each s
 the bytes per chip of every all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute,
 with loop trip counts multiplied in (``apriel_jax.parallel.collectives``).
 
-CONFIG is a pipeline config (every training stage, or ``--stage``) or a train config.
+CONFIG is a pipeline config (every training stage, or ``--stage``) or a train config. With ``--generate N``
+the program compiled is KV-cached generation of N new tokens instead (one prompt of the config's
+``data.seq_len`` tokens and ``data.patch_budget`` image patches, the model's parameters as the config stores
+them, e.g. with an int8 base), the inference a Colab user runs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ examples:
   apriel-jax aot configs/pipelines/apriel_15b.py --stage sft_long --topology v5p:2x4x4
   apriel-jax aot configs/pipelines/apriel_15b.py --stage cpt2 --topology v5e:16x16 --config.stages.cpt2.train.data.global_batch=256
   apriel-jax aot configs/train/tiny_text.py --topology v5e:2x2
+  apriel-jax aot configs/train/colab_lora_15b.py:v6e-int8 --generate 4096
 
 exit codes: 0 every compiled configuration fits (peak <= 85% of HBM); 1 one does not fit or failed to
 compile; 2 bad config or command line.
@@ -41,6 +45,9 @@ def add_parser(commands, debug, fmt) -> None:
                    help="pipeline stage to compile (repeatable; default: every training stage)")
     p.add_argument("--num-slices", type=int, default=0,
                    help="slices of the topology (default: the product of the config's mesh_dcn degrees)")
+    p.add_argument("--generate", type=int, default=0, metavar="NEW_TOKENS",
+                   help="compile KV-cached generation of NEW_TOKENS tokens after one prompt of data.seq_len "
+                        "tokens (data.patch_budget patches) instead of the training step")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON (local or gs://)")
     p.add_argument("--hlo", metavar="DIR", help="also write each stage's optimized HLO module to DIR/STAGE.hlo.txt "
                                                 "(local or gs://)")
@@ -71,9 +78,12 @@ def stage_cases(cfg, stages: list[str] | None) -> list[tuple[str, object, object
     return cases
 
 
-def compile_case(model_cfg, tcfg, topology: str, num_slices: int, hlo_path: str | None = None) -> dict:
-    """One stage's row of the report; with ``hlo_path`` the optimized HLO module is written there."""
-    from apriel_jax.parallel.aot import hbm_per_chip
+def compile_case(model_cfg, tcfg, topology: str, num_slices: int, hlo_path: str | None = None,
+                 generate: int = 0) -> dict:
+    """One stage's row of the report (its training step, or generating ``generate`` tokens); with ``hlo_path``
+    the optimized HLO module is written there."""
+    if generate:
+        return _generate_case(model_cfg, tcfg, topology, generate, hlo_path)
     from apriel_jax.train.aot import compile_train_step
     from apriel_jax.train.loop import optimizer_from_config
     from apriel_jax.model.lora import enabled as lora_enabled
@@ -88,10 +98,33 @@ def compile_case(model_cfg, tcfg, topology: str, num_slices: int, hlo_path: str 
         trainable=trainable_for_step(tcfg.trainable, tcfg.data.patch_budget, adapters=lora_enabled(model_cfg)),
         grad_accum_steps=tcfg.grad_accum_steps, chunk_size=tcfg.chunk_size,
         lm_head_grad_dtype=tcfg.lm_head_grad_dtype or None, num_slices=slices, dcn_degrees=dcn if slices > 1 else None)
+    return _row(report, model_cfg, topology, slices=slices, batch=tcfg.data.global_batch, seq=tcfg.data.seq_len,
+                patches=tcfg.data.patch_budget, remat=model_cfg.remat_policy, model_flops=model_flops,
+                hlo_path=hlo_path)
+
+
+def _generate_case(model_cfg, tcfg, topology: str, new_tokens: int, hlo_path: str | None) -> dict:
+    from apriel_jax.model.generate_aot import compile_generate
+    from apriel_jax.train.flops import generate_flops
+
+    degrees = {k: int(v) for k, v in tcfg.mesh.items()}
+    seq, patches = tcfg.data.seq_len, tcfg.data.patch_budget
+    report = compile_generate(model_cfg, topology, degrees, batch=1, prompt_len=seq, new_tokens=new_tokens,
+                              patches=patches)
+    flops = generate_flops(model_cfg, batch=1, prompt_len=seq, new_tokens=new_tokens,
+                           image_patch_counts=[256] * (patches // 256))
+    row = _row(report, model_cfg, topology, slices=1, batch=1, seq=seq, patches=patches, remat="-",
+               model_flops=flops, hlo_path=hlo_path)
+    return dict(row, new_tokens=new_tokens)
+
+
+def _row(report, model_cfg, topology: str, *, slices: int, batch: int, seq: int, patches: int, remat: str,
+         model_flops: float, hlo_path: str | None) -> dict:
+    from apriel_jax.parallel.aot import hbm_per_chip
+
     hbm = hbm_per_chip(topology)
     row = dict(topology=topology, slices=slices, chips=report.chips, mesh=report.mesh_shape,
-               batch=tcfg.data.global_batch, seq=tcfg.data.seq_len, patches=tcfg.data.patch_budget,
-               remat=model_cfg.remat_policy, attention=model_cfg.attention_impl,
+               batch=batch, seq=seq, patches=patches, remat=remat, attention=model_cfg.attention_impl,
                argument_gb=report.argument_bytes / 1e9, temp_gb=report.temp_bytes / 1e9,
                peak_gb=report.peak_bytes / 1e9, hbm_gb=None if hbm is None else hbm / 1e9,
                hbm_use=None if hbm is None else report.peak_bytes / hbm,
@@ -149,11 +182,15 @@ def _run(args, overrides: list[str]) -> int:
     topology = args.topology or (cfg.target.topology if "target" in cfg else "")
     if not topology:
         raise UsageError("no --topology given and the config names no target.topology")
+    if args.generate < 0:
+        raise UsageError(f"--generate must be >= 1 new tokens (0: the training step), got {args.generate}")
     try:
         cases = stage_cases(cfg, args.stage)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    print(f"ahead-of-time compile for {topology}: peak must stay <= {HEADROOM:.0%} of HBM. model TF = analytic "
+    program = (f"KV-cached generation of {args.generate} new tokens after one prompt (batch x seq: the prompt)"
+               if args.generate else "the training step")
+    print(f"ahead-of-time compile of {program} for {topology}: peak must stay <= {HEADROOM:.0%} of HBM. model TF = analytic "
           "model TFLOP per chip per step; XLA TF = XLA's cost analysis, which counts a scanned layer's loop body "
           "once and no Pallas kernel, so with scanned layers it is far below the real count")
     print(HEADER)
@@ -161,7 +198,7 @@ def _run(args, overrides: list[str]) -> int:
     for name, model_cfg, tcfg in cases:
         try:
             hlo_path = f"{args.hlo.rstrip('/')}/{name}.hlo.txt" if args.hlo else None
-            row = compile_case(model_cfg, tcfg, topology, args.num_slices, hlo_path)
+            row = compile_case(model_cfg, tcfg, topology, args.num_slices, hlo_path, generate=args.generate)
         except Exception as e:  # an out-of-memory or sharding error at compile time is a result too
             if args.debug:
                 raise

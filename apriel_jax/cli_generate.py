@@ -42,7 +42,22 @@ def add_parser(commands, debug, fmt) -> None:
                           "the model's vision image_size)")
     gen.add_argument("--dtype", type=dtype_name, metavar="DTYPE",
                      help="compute and parameter dtype (default: the checkpoint's)")
+    gen.add_argument("--adapter", metavar="DIR",
+                     help="LoRA adapters to apply: a PEFT adapter directory (adapter_config.json + "
+                          "adapter_model.safetensors), e.g. written by `apriel-jax convert orbax-to-peft` or by peft")
     gen.set_defaults(handler=_run_generate)
+
+
+def _load_model(args):
+    """The checkpoint's model, with the --adapter's LoRA adapters when one is given."""
+    from apriel_jax.checkpoint.pretrained import from_pretrained
+
+    model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
+    if args.adapter:
+        from apriel_jax.checkpoint.peft_adapters import load_peft
+
+        model = load_peft(args.adapter, model)
+    return model
 
 
 def _run_generate(args, overrides: list[str]) -> int:
@@ -50,7 +65,7 @@ def _run_generate(args, overrides: list[str]) -> int:
     import numpy as np
 
     from apriel_jax.chat import check_tokenizer_fits
-    from apriel_jax.checkpoint.pretrained import detect_format, from_pretrained
+    from apriel_jax.checkpoint.pretrained import detect_format
     from apriel_jax.cli import UsageError
     from apriel_jax.data.images import ImageConfig, load_image
     from apriel_jax.data.prompt import encode_prompt, prompt_batch
@@ -59,6 +74,10 @@ def _run_generate(args, overrides: list[str]) -> int:
 
     # Cheap checks first: bad settings, a missing tokenizer or image should not cost a model load.
     detect_format(args.checkpoint)  # raises for a missing directory or one that holds no checkpoint
+    if args.adapter:
+        from apriel_jax.checkpoint.peft_adapters import read_adapter_config
+
+        read_adapter_config(args.adapter)  # raises for a directory that is not a PEFT adapter
     if args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
     try:
@@ -72,7 +91,7 @@ def _run_generate(args, overrides: list[str]) -> int:
         return _chat_generate(args, sampling, tokenizer, images)
 
     start = time.perf_counter()
-    model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
+    model = _load_model(args)
     cfg = model.config
     image_cfg = ImageConfig(longest_edge=min(args.longest_edge, cfg.vision.image_size),
                             patch_size=cfg.vision.patch_size)
@@ -96,12 +115,11 @@ def _run_generate(args, overrides: list[str]) -> int:
 
 def _chat_generate(args, sampling, tokenizer, images) -> int:
     from apriel_jax.chat import chat
-    from apriel_jax.checkpoint.pretrained import from_pretrained
     from apriel_jax.cli import UsageError
     from apriel_jax.data.chat_template import ChatTemplate
 
     template = ChatTemplate.from_checkpoint(args.checkpoint)  # None: the built-in Apriel renderer
-    model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
+    model = _load_model(args)
     content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": args.prompt}]
     start = time.perf_counter()
     try:

@@ -64,3 +64,29 @@ def test_aot_command_compiles_pipeline_stages_with_the_pallas_kernel(capsys, tmp
     for stage in ("realign", "cpt2"):
         assert "all-gather" in (tmp_path / "hlo" / f"{stage}.hlo.txt").read_text()
     assert main(["aot", demo, "--stage", "nope", "--topology", "v5e:2x2"]) == 2
+
+
+def test_aot_generate_compiles_kv_cached_generation_for_one_chip(capsys, tmp_path):
+    """`apriel-jax aot --generate N` compiles the prefill + decode loop for a single-chip topology (Colab's
+    v6e-1), whose 1x1 layout is smaller than a TPU host's 2x2 chips."""
+    import json
+
+    from pathlib import Path
+
+    from apriel_jax.cli import main
+    from apriel_jax.model import get_preset
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny_text.py")
+    out = tmp_path / "gen.json"
+    code = main(["aot", config, "--topology", "v6e:1x1", "--generate", "512", "--config.model.dtype=bfloat16",
+                 "--config.data.seq_len=128", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "KV-cached generation of 512 new tokens" in printed
+    row = json.loads(out.read_text())["train"]
+    assert row["chips"] == 1 and row["new_tokens"] == 512 and row["seq"] == 128 and row["hbm_use"] < 0.85
+    d = get_preset("tiny").decoder
+    kv_cache = 2 * d.num_layers * (128 + 512) * d.num_kv_heads * d.head_dim * 2  # k and v, bf16
+    assert row["temp_gb"] * 1e9 >= kv_cache, row
+    assert row["model_tflop_per_chip"] > 0
+    assert main(["aot", config, "--topology", "v6e:1x1", "--generate", "-1"]) == 2

@@ -130,7 +130,8 @@ def test_exported_adapters_load_back_exactly(adapted, adapter_dir, hf_base, inpu
     np.testing.assert_array_equal(logits(back, inputs), logits(adapted, inputs))
 
 
-def test_convert_writes_a_lora_checkpoint_as_peft_adapters_and_merged(adapted, adapter_dir, hf_base, tmp_path):
+def test_convert_writes_a_lora_checkpoint_as_peft_adapters_and_merged(adapted, adapter_dir, hf_base, tmp_path,
+                                                                        capsys):
     from apriel_jax.checkpoint.orbax_io import save_model
     from apriel_jax.cli import main
 
@@ -143,6 +144,23 @@ def test_convert_writes_a_lora_checkpoint_as_peft_adapters_and_merged(adapted, a
     merged = apriel_jax.from_pretrained(tmp_path / "hf")
     assert "lora" not in merged.config
     assert main(["convert", "orbax-to-peft", str(tmp_path / "hf"), str(tmp_path / "none")]) == 2  # no adapters
+
+    # `generate --adapter`: the base with the PEFT adapters writes what the merged checkpoint writes.
+    import shutil
+
+    base_dir = tmp_path / "base"
+    shutil.copytree(hf_base[1], base_dir)
+    for folder in (base_dir, tmp_path / "hf"):
+        shutil.copy(Path(apriel_jax.__file__).parent / "data" / "demo_data" / "tokenizer.json", folder)
+    prompt = ["--prompt", "The house is", "--max-new-tokens", "12"]
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "hf"), *prompt]) == 0
+    merged_text = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(base_dir), "--adapter", str(peft_dir), *prompt]) == 0
+    assert capsys.readouterr().out == merged_text
+    assert main(["generate", "--checkpoint", str(base_dir), *prompt]) == 0
+    assert capsys.readouterr().out != merged_text  # the adapters change what the base writes
+    assert main(["generate", "--checkpoint", str(base_dir), "--adapter", str(tmp_path), *prompt]) == 2
 
 
 def test_adapters_peft_wrote_load_with_peft_logits(hf_base, inputs, tmp_path):

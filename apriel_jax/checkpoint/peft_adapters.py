@@ -176,17 +176,22 @@ def _targets_in(names: set[str], base_cfg, layout: str) -> list[str]:
     return found
 
 
+def read_adapter_config(path) -> ml_collections.ConfigDict:
+    """The LoRA settings of the PEFT directory ``path`` (CheckpointError: not one, or not plain LoRA)."""
+    config_file = storage.location(path) / ADAPTER_CONFIG
+    with storage.storage_errors(config_file, "read"):
+        if not config_file.is_file():
+            raise CheckpointError(f"{storage.location(path)}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+    return _lora_from_config(json.loads(storage.read_text(config_file)), config_file)
+
+
 def read_adapters(path, base_cfg, *, mesh: Mesh | None = None, rules=DEFAULT_RULES):
     """(lora config, adapter state) of the PEFT directory ``path`` for a base model with config ``base_cfg``,
     sharded over ``mesh`` if given. Everything is checked before the adapters are built: the adapter
     must be plain LoRA on modules we adapt, and every tensor must be there with the shape the base model
     gives it, so an adapter trained on another base model is refused (CheckpointError) with the reason."""
     loc = storage.location(path)
-    config_file = loc / ADAPTER_CONFIG
-    with storage.storage_errors(config_file, "read"):
-        if not config_file.is_file():
-            raise CheckpointError(f"{loc}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
-    lora = _lora_from_config(json.loads(storage.read_text(config_file)), config_file)
+    lora = read_adapter_config(path)
     source = SafetensorsCheckpoint(path, ADAPTER_WEIGHTS)
     names = set(source.keys())
     layout = "hf4" if any(n.startswith(_HF4_PREFIX) for n in names) else "hf5"

@@ -61,7 +61,8 @@ def sample_token(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def _generate(graphdef, state, batch, rng, cfg: SamplingConfig):
+def generate_program(graphdef, state, batch, rng, cfg: SamplingConfig):
+    """The jitted prefill + decode loop (``generate`` calls it; ``generate_aot`` compiles it for a TPU)."""
     model = nnx.merge(graphdef, state)
     tokens = batch["tokens"]
     b, s = tokens.shape
@@ -117,4 +118,4 @@ def generate(model, batch: dict, cfg: SamplingConfig = SamplingConfig(), *, rng:
     if inputs.get("patches") is not None and inputs["patches"].shape[1] == 0:
         inputs = {k: v for k, v in inputs.items() if not k.startswith("patch")}
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(graphdef, state, inputs, rng, cfg)
+    return generate_program(graphdef, state, inputs, rng, cfg)

@@ -19,11 +19,20 @@ from apriel_jax.parallel.mesh import make_mesh
 HBM_PER_CHIP = {"v4": 32e9, "v5e": 16e9, "v5litepod": 16e9, "v5p": 95e9, "v6e": 32e9}
 
 
-def topology_devices(topology: str, *, num_slices: int = 1, chips_per_host_bounds=(2, 2, 1)):
-    """The devices of a TPU topology such as ``"v5p:4x4x4"`` or ``"v5e:16x16"`` (no TPU needed)."""
+def host_bounds(topology: str, largest=(2, 2, 1)) -> tuple[int, ...]:
+    """Chips per host along each axis: a host holds up to 2x2 chips, and a slice smaller than that (a single
+    chip, ``v5e:1x1`` or ``v6e:1x1``, as Colab offers) is one host with all of them."""
+    dims = [int(d) for d in topology.split(":")[-1].split("x")]
+    dims += [1] * (3 - len(dims))
+    return tuple(min(b, d) for b, d in zip(largest, dims))
+
+
+def topology_devices(topology: str, *, num_slices: int = 1, chips_per_host_bounds=None):
+    """The devices of a TPU topology such as ``"v5p:4x4x4"``, ``"v5e:16x16"`` or ``"v6e:1x1"`` (no TPU needed)."""
     from jax.experimental import topologies
 
     try:
+        chips_per_host_bounds = chips_per_host_bounds or host_bounds(topology)
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=topology, chip_config_name="default",
             chips_per_host_bounds=chips_per_host_bounds, num_slices=num_slices,

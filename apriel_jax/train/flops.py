@@ -38,6 +38,12 @@ def _vision_matmul_params(v) -> int:
     return v.num_layers * (attn + mlp) + v.patch_size**2 * v.num_channels * v.hidden_size
 
 
+def _vision_forward(v, image_patch_counts: Sequence[int]) -> float:
+    """The vision tower's forward FLOPs over images of these patch counts (each attends to itself only)."""
+    matmuls = 2 * _vision_matmul_params(v) * sum(image_patch_counts)
+    return matmuls + v.num_layers * sum(2 * 2 * n * n * v.num_heads * v.head_dim for n in image_patch_counts)
+
+
 def train_step_flops(cfg, *, batch: int, seq_len: int, image_patch_counts: Sequence[int] = (),
                      train_vision: bool = True) -> float:
     """Model FLOPs of one training step (forward + backward) over ``batch`` rows of ``seq_len`` tokens.
@@ -50,12 +56,25 @@ def train_step_flops(cfg, *, batch: int, seq_len: int, image_patch_counts: Seque
     decoder += 3 * d.num_layers * (2 * 2 * batch * seq_len**2 * d.num_heads * d.head_dim) / 2  # causal
     patches = sum(image_patch_counts)
     projector = 6 * patches * (v.hidden_size * d.hidden_size + d.hidden_size**2)
-    vision_fwd = 2 * _vision_matmul_params(v) * patches
-    vision_fwd += v.num_layers * sum(2 * 2 * n * n * v.num_heads * v.head_dim for n in image_patch_counts)
+    vision_fwd = _vision_forward(v, image_patch_counts)
     # A frozen tower still runs forward, and backward through its activations only where gradients
     # must reach something trainable below it; with the encoder frozen nothing below it trains.
     vision = 3 * vision_fwd if train_vision else vision_fwd
     return float(decoder + projector + vision)
+
+
+def generate_flops(cfg, *, batch: int, prompt_len: int, new_tokens: int, image_patch_counts: Sequence[int] = ()) -> float:
+    """Model FLOPs of generating ``new_tokens`` tokens after a ``prompt_len``-token prompt for ``batch`` rows:
+    the prefill's forward pass, then one token per row and step attending to every cached position."""
+    d, v = cfg.decoder, cfg.vision
+    head_flops = 2 * 2 * d.num_heads * d.head_dim  # QK^T and PV, per query-key pair and layer
+    prefill = 2 * _decoder_matmul_params(d) * batch * prompt_len
+    prefill += d.num_layers * head_flops * batch * prompt_len**2 / 2  # causal
+    patches = sum(image_patch_counts)
+    prefill += 2 * patches * (v.hidden_size * d.hidden_size + d.hidden_size**2) + _vision_forward(v, image_patch_counts)
+    keys = new_tokens * prompt_len + new_tokens * (new_tokens - 1) / 2  # cached positions each new token reads
+    decode = 2 * _decoder_matmul_params(d) * batch * new_tokens + d.num_layers * head_flops * batch * keys
+    return float(prefill + decode)
 
 
 def peak_flops(device_kind: str) -> float | None:
