@@ -23,11 +23,13 @@ BUILDER = Path(__file__).resolve().parents[1] / "notebooks" / "build_notebooks.p
 def _install_cell_source() -> str:
     spec = importlib.util.spec_from_file_location("build_notebooks", BUILDER)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    spec.loader.exec_module(module)  # puts notebooks/ on sys.path for its nb_* modules
+    from nb_cells import INSTALL_CELL
+
     for name in module.NOTEBOOKS:  # every notebook starts with this cell
         first_code = next(c for c in module.build(name).cells if c.cell_type == "code")
-        assert first_code.source == module.INSTALL_CELL.strip(), name
-    return module.INSTALL_CELL
+        assert first_code.source == INSTALL_CELL.strip(), name
+    return INSTALL_CELL
 
 
 class FakeShell:
