@@ -58,8 +58,10 @@ def stage_cases(cfg, stages: list[str] | None) -> list[tuple[str, object, object
     """(name, model config, train config) for each training stage of a pipeline, or the train config."""
     import ml_collections
 
-    if "order" not in cfg:  # a train config
-        return [("train", cfg.model, cfg)]
+    if "order" not in cfg:  # a train config: its model as the run builds it (quantized base, LoRA adapters)
+        from apriel_jax.train.loop import run_model_config
+
+        return [("train", run_model_config(cfg), cfg)]
     from apriel_jax.stages.report import stage_model_configs
     from apriel_jax.stages.runner import stage_train_config
 

@@ -32,6 +32,7 @@ from apriel_jax.data.synthetic import (
     parse_count,
     parse_label,
     parse_presence,
+    render_grid_scene,
     render_scene,
 )
 from apriel_jax.data.synthetic.shapes import MIN_GAP
@@ -141,6 +142,56 @@ def test_counting_answer_matches_annotations():
     assert len(kinds) == 4  # total, per category, per colour, both
 
 
+def test_grid_scene_puts_one_object_in_each_chosen_cell():
+    for seed in range(20):
+        for count, fill, jitter, noise in ((seed % 5, 0.875, 0.0, 0.0), (4, 0.5, 1.0, 0.5)):
+            image, anns = render_grid_scene(np.random.default_rng(seed), size=(32, 32), grid=2, count=count,
+                                            fill=fill, jitter=jitter, noise=noise)
+            pixels = np.asarray(image)
+            cells = set()
+            for a in anns:
+                x0, y0, x1, y1 = a.box
+                cell = (x0 // 16, y0 // 16)
+                assert cell == ((x1 - 1) // 16, (y1 - 1) // 16), (seed, a)  # inside one 16 px cell
+                assert x0 % 16 >= 1 and y0 % 16 >= 1 and x1 % 16 in range(1, 16) and y1 % 16 in range(1, 16)
+                cells.add(cell)
+                drawn = np.all(pixels == COLORS[a.color], axis=-1)
+                cell_pixels = drawn[cell[1] * 16:cell[1] * 16 + 16, cell[0] * 16:cell[0] * 16 + 16]
+                assert drawn[y0:y1, x0:x1].sum() == cell_pixels.sum() > 0  # nothing of it outside its box
+            assert len(anns) == len(cells) == count, (seed, anns)
+    with pytest.raises(ValueError):
+        render_grid_scene(np.random.default_rng(0), size=(32, 32), grid=2, count=5)
+    with pytest.raises(ValueError):  # 2 px cells leave no room for an object 2 px from its neighbours
+        render_grid_scene(np.random.default_rng(0), size=(4, 4), grid=2, count=2)
+
+
+def test_easiest_counting_is_a_balanced_grid_of_one_colour():
+    """Difficulty 0: 1-4 shapes of one colour, one per 16 px cell of a 32 px image (the patches of the demo's
+    vision encoder), asked for the total; the answers are balanced so no count is a safe guess."""
+    task = CountingTask(0.0, size=(32, 32))
+    samples = [task(np.random.default_rng(seed)) for seed in range(200)]
+    counts = [s["answer"]["count"] for s in samples]
+    assert set(counts) == {1, 2, 3, 4} and max(counts.count(c) for c in range(1, 5)) <= 0.35 * len(counts)
+    for s in samples[:40]:
+        pixels = np.asarray(_image(s))
+        assert s["answer"]["category"] is None and s["answer"]["color"] is None
+        assert "How many shapes" in s["messages"][0]["content"][1]["text"] or "Count the shapes" in \
+            s["messages"][0]["content"][1]["text"]
+        on = [np.all(pixels[r:r + 16, c:c + 16] == COLORS["red"], axis=-1).any()
+              for r in (0, 16) for c in (0, 16)]
+        assert sum(on) == s["answer"]["count"] == int(s["messages"][1]["content"])
+        objects = {tuple(p) for p in pixels.reshape(-1, 3)} & {tuple(c) for c in COLORS.values()}
+        assert objects == {COLORS["red"]}
+    # the grid regime gets harder towards GRID_DIFFICULTY: more colours, smaller shapes anywhere in the cell
+    harder = [CountingTask(0.2, size=(32, 32))(np.random.default_rng(seed)) for seed in range(40)]
+    colours = {a for s in harder for a in {tuple(p) for p in np.asarray(_image(s)).reshape(-1, 3)}} & \
+        {tuple(c) for c in COLORS.values()}
+    assert len(colours) > 4
+    # from GRID_DIFFICULTY on, questions may also filter by shape and colour
+    free = [CountingTask(CountingTask.GRID_DIFFICULTY)(np.random.default_rng(seed))["answer"] for seed in range(20)]
+    assert {a["category"] is None and a["color"] is None for a in free} == {True, False}
+
+
 def test_difficulty_changes_scenes():
     def stats(d):
         counts, areas = [], []
@@ -151,7 +202,8 @@ def test_difficulty_changes_scenes():
             areas.extend(a.area for a in objs)
         return np.mean(counts), np.mean(areas)
 
-    easy, hard = stats(0.0), stats(1.0)
+    # free scenes (from GRID_DIFFICULTY on; below it counting uses 2 x 2 grids of at most 4 objects)
+    easy, hard = stats(CountingTask.GRID_DIFFICULTY), stats(1.0)
     assert hard[0] > easy[0] + 3  # more objects
     assert hard[1] < easy[1] / 2  # smaller objects
     assert MatchingTask(0.0).num_candidates < MatchingTask(1.0).num_candidates

@@ -22,6 +22,7 @@ from apriel_jax.checkpoint.hf_config import to_hf_config
 from apriel_jax.checkpoint.keymap import key_map
 from apriel_jax.model.factory import param_path
 from apriel_jax.model.lora import enabled as lora_enabled, merged_kernel
+from apriel_jax.model.quant import enabled as quant_enabled
 from apriel_jax.checkpoint.safetensors_io import TensorSpec, write_safetensors_checkpoint
 
 # Files that travel with the weights when the source checkpoint had them. An orbax model directory
@@ -51,7 +52,12 @@ def to_host(array) -> np.ndarray:
 def tensor_specs(state: nnx.State, cfg, *, layout: str = "hf4", dtype: str | None = None) -> list[TensorSpec]:
     """One lazily produced TensorSpec per checkpoint tensor, in name order. A model with LoRA adapters is
     written merged (W + alpha/r * A @ B, one layer at a time as it is written): the plain checkpoint that
-    computes the same function."""
+    computes the same function. A quantized model is refused: its export would be the rounded weights."""
+    if quant_enabled(cfg):
+        raise ValueError(
+            f"the model's decoder projections are quantized ({cfg.quant.mode}): an HF export would write the rounded "
+            "weights in place of the original ones. Export the LoRA adapters (export_peft / convert orbax-to-peft) and "
+            "apply them to the full-precision checkpoint, or load that without quant and export it")
     arrays = {}
     jax.tree_util.tree_map_with_path(lambda p, x: arrays.__setitem__(param_path(p), x), state)
     scale = cfg.lora.alpha / cfg.lora.rank if lora_enabled(cfg) else 0.0

@@ -14,8 +14,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from apriel_jax.checkpoint.keymap import TensorMap, detect_layout, expand, key_map
+from apriel_jax.checkpoint.quant_load import quantized_stack
 from apriel_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from apriel_jax.model.factory import abstract_model, param_path, state_shardings
+from apriel_jax.model.quant import enabled as quant_enabled, is_quantized_leaf, kernel_in_axes, without_quant
 from apriel_jax.parallel.rules import DEFAULT_RULES
 
 # Buffers some exporters save that carry no learned weights.
@@ -87,13 +89,18 @@ def abstract_leaves(cfg) -> dict[str, jax.ShapeDtypeStruct]:
 def load_state(source: SafetensorsCheckpoint, cfg, *, layout: str | None = None, mesh: Mesh | None = None,
                rules=DEFAULT_RULES) -> nnx.State:
     """Parameters of a model with config ``cfg`` read from ``source``, sharded over ``mesh`` if given
-    (otherwise on the default device), stored in ``cfg.param_dtype``."""
-    layout = check_checkpoint(source, cfg, layout)
-    maps = {m.path: m for m in key_map(cfg, layout)}
+    (otherwise on the default device), stored in ``cfg.param_dtype``. A config with a ``quant`` block gets
+    its decoder projections quantized as they are read (``checkpoint/quant_load.py``)."""
+    plain = without_quant(cfg) if quant_enabled(cfg) else cfg  # the checkpoint holds the full-precision model
+    layout = check_checkpoint(source, plain, layout)
+    maps = {m.path: m for m in key_map(plain, layout)}
     abstract_state = nnx.state(abstract_model(cfg))
     shardings = state_shardings(cfg, mesh, rules)
+    quantized = _quantized_leaves(source, cfg, maps, abstract_state, shardings)
 
     def build(keypath, leaf, sharding):
+        if is_quantized_leaf(param_path(keypath)):
+            return quantized.pop(param_path(keypath))
         m = maps[param_path(keypath)]
 
         def convert(name, index):
@@ -121,3 +128,28 @@ def load_state(source: SafetensorsCheckpoint, cfg, *, layout: str | None = None,
         return jax.block_until_ready(jax.make_array_from_callback(leaf.shape, sharding, read))
 
     return jax.tree_util.tree_map_with_path(build, abstract_state, shardings)
+
+
+def _quantized_leaves(source: SafetensorsCheckpoint, cfg, maps, abstract_state, shardings) -> dict:
+    """Path -> array of every quantized leaf (``qkernel``, ``qscale``), each projection read layer by layer."""
+    if not quant_enabled(cfg):
+        return {}
+    leaves = {param_path(p): (x, s) for (p, x), s in zip(jax.tree_util.tree_leaves_with_path(abstract_state),
+                                                          jax.tree.leaves(shardings))}
+    out = {}
+    for path in [p for p in leaves if p.endswith("/qkernel")]:
+        owner = path.removesuffix("/qkernel")
+        m = maps[f"{owner}/kernel"]
+        (qkernel, kernel_sharding), (qscale, scale_sharding) = leaves[path], leaves[f"{owner}/qscale"]
+        dtype = jax.numpy.dtype(cfg.param_dtype)
+
+        def read_layer(i, m=m, dtype=dtype):
+            name = m.name.format(i=i)
+            layer = np.array(m.to_ours(source.get(name)), dtype=dtype, copy=True)
+            source.release(name)
+            return layer
+
+        out[path], out[f"{owner}/qscale"] = quantized_stack(
+            read_layer, qkernel, qscale, kernel_sharding, scale_sharding, mode=cfg.quant.mode, in_axes=kernel_in_axes(path),
+            group_size=cfg.quant.group_size)
+    return out

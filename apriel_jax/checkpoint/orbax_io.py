@@ -100,3 +100,13 @@ def load_state(path, cfg=None, *, mesh: Mesh | None = None, rules=DEFAULT_RULES)
         )
     nnx.replace_by_pure_dict(abstract_state, restored)
     return abstract_state
+
+
+def restore_pure(path, target: dict) -> dict:
+    """Restore only the leaves named in ``target`` (a nested dict of ShapeDtypeStructs with shardings, a subset
+    of the saved tree): used to read a checkpoint one parameter at a time (``checkpoint/quant_load.py``)."""
+    loc = model_dir(path)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    with _checkpointer() as checkpointer, storage.storage_errors(loc, "read"):
+        return checkpointer.restore(loc / PARAMS_DIR, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))

@@ -16,10 +16,11 @@ import jax
 from jax.sharding import Mesh
 
 from apriel_jax import storage
-from apriel_jax.checkpoint import hf_export, hf_import, mistral, orbax_io, peft_adapters
+from apriel_jax.checkpoint import hf_export, hf_import, mistral, orbax_io, peft_adapters, quant_load
 from apriel_jax.checkpoint.hf_config import ConfigError, from_hf_config
 from apriel_jax.checkpoint.safetensors_io import SafetensorsCheckpoint, write_safetensors_checkpoint
-from apriel_jax.model.factory import model_from_state
+from apriel_jax.model.factory import model_from_state, param_path
+from apriel_jax.model.quant import DEFAULT_GROUP_SIZE, MODES, enabled as quant_enabled, is_quantized_leaf, with_quant
 from apriel_jax.parallel.rules import DEFAULT_RULES
 
 
@@ -66,18 +67,42 @@ def _stored_dtype(source: SafetensorsCheckpoint) -> str:
     return totals.most_common(1)[0][0] if totals else "float32"
 
 
+def _with_dtype(state, param_dtype: str):
+    """``state`` with every full-precision leaf in ``param_dtype`` (quantized leaves keep theirs)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: a if is_quantized_leaf(param_path(p)) else a.astype(param_dtype), state)
+
+
+def _quantized(cfg, quant: str | None, group_size: int, where):
+    """``cfg`` with the requested quantization; a checkpoint stored quantized loads only as it is."""
+    if quant is not None and quant not in MODES:
+        raise ValueError(f"quant={quant!r} is not one of {MODES}")
+    if quant_enabled(cfg):
+        if quant not in (None, cfg.quant.mode) or (quant == cfg.quant.mode and group_size != cfg.quant.group_size):
+            raise ValueError(f"{where} is stored quantized ({cfg.quant.mode}, group size {cfg.quant.group_size}); "
+                             f"it loads only as stored, not as quant={quant!r} (group size {group_size})")
+        return cfg
+    return with_quant(cfg, quant, group_size) if quant else cfg
+
+
 def load_config_and_state(path, *, dtype: str | None = None, param_dtype: str | None = None,
-                          mesh: Mesh | None = None, rules=DEFAULT_RULES):
+                          mesh: Mesh | None = None, rules=DEFAULT_RULES, quant: str | None = None,
+                          group_size: int = DEFAULT_GROUP_SIZE):
     """(config, parameter state) from any supported checkpoint directory.
 
     ``param_dtype`` defaults to the dtype stored in the checkpoint, ``dtype`` (compute) to param_dtype.
+    ``quant`` ("int8" / "int4"; ``model/quant.py``) quantizes the decoder projections as they are read.
     """
     fmt = detect_format(path)
     if fmt == "orbax":
-        cfg = orbax_io.load_config(path)
-        state = orbax_io.load_state(path, cfg, mesh=mesh, rules=rules)
+        stored = orbax_io.load_config(path)
+        cfg = _quantized(stored, quant, group_size, storage.location(path))
+        if quant_enabled(cfg) and not quant_enabled(stored):
+            state = quant_load.load_orbax_quantized(path, cfg, mesh=mesh, rules=rules)
+        else:
+            state = orbax_io.load_state(path, cfg, mesh=mesh, rules=rules)
         if param_dtype and param_dtype != cfg.param_dtype:
-            state = jax.tree.map(lambda a: a.astype(param_dtype), state)
+            state = _with_dtype(state, param_dtype)
             cfg.param_dtype = param_dtype
         cfg.dtype = dtype or cfg.param_dtype
         return cfg, state
@@ -85,18 +110,23 @@ def load_config_and_state(path, *, dtype: str | None = None, param_dtype: str | 
     source = SafetensorsCheckpoint(path)
     cfg.param_dtype = param_dtype or _stored_dtype(source)
     cfg.dtype = dtype or cfg.param_dtype
+    cfg = _quantized(cfg, quant, group_size, storage.location(path))
     layout = "mistral" if fmt == "mistral" else None
     return cfg, hf_import.load_state(source, cfg, layout=layout, mesh=mesh, rules=rules)
 
 
 def from_pretrained(path, *, dtype: str | None = None, param_dtype: str | None = None,
-                    mesh: Mesh | None = None, rules=DEFAULT_RULES):
+                    mesh: Mesh | None = None, rules=DEFAULT_RULES, quant: str | None = None,
+                    group_size: int = DEFAULT_GROUP_SIZE):
     """Load an HF directory, a Mistral consolidated directory or an apriel-jax checkpoint.
 
     Returns the model; its config is ``model.config``. With ``mesh``, parameters are read straight
-    into their shards.
+    into their shards. ``quant`` ("int8" or "int4", ``group_size`` for int4) stores the decoder's seven
+    projections quantized (``apriel_jax/model/quant.py``), quantizing them one layer at a time as they are
+    read; a checkpoint saved quantized loads quantized whatever ``quant`` says (None or its own mode).
     """
-    cfg, state = load_config_and_state(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+    cfg, state = load_config_and_state(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
+                                       quant=quant, group_size=group_size)
     return model_from_state(cfg, state)
 
 

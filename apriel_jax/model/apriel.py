@@ -16,6 +16,7 @@ from apriel_jax.model.config import validate
 from apriel_jax.model.decoder import Decoder, KVCache
 from apriel_jax.model.layers import Linear, activation
 from apriel_jax.model.lora import PROJECTOR_TARGETS, add_adapters, dropout_keys, enabled
+from apriel_jax.model.quant import enabled as quant_enabled
 from apriel_jax.model.vision import VisionEncoder
 
 
@@ -49,7 +50,9 @@ class AprielModel(nnx.Module):
         self.projector = Projector(config.vision.hidden_size, config.decoder.hidden_size, config.projector,
                                    lora=lora, **kw)
         # remat_group: older saved configs lack the key (one layer per remat group).
-        self.decoder = Decoder(config.decoder, remat_group=config.get("remat_group", 1), lora=lora, **common)
+        quant = config.quant if quant_enabled(config) else None  # a quantized frozen base (model/quant.py)
+        self.decoder = Decoder(config.decoder, remat_group=config.get("remat_group", 1), lora=lora, quant=quant,
+                               **common)
 
     def image_features(self, patches, patch_positions, patch_segment_ids, dropout_key=None):
         """Projected vision features [B, P, text_hidden] for the batch's patches."""

@@ -4,7 +4,8 @@ One schema serves every tower. ConfigDicts are type-locked once built, so a comm
 the wrong type (``--config.model.decoder.num_layers=abc``) fails loudly instead of silently becoming a
 string. Sizes of the real models are in ``presets.py``; the HF ``config.json`` mapping is in
 ``apriel_jax/checkpoint/hf_config.py``. A model with LoRA adapters carries a ``lora`` block as well
-(``model/lora.py``: ``with_lora``); configs without one build the plain model.
+(``model/lora.py``: ``with_lora``), a quantized base a ``quant`` block (``model/quant.py``: ``with_quant``);
+configs without them build the plain model.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from apriel_jax.model.lora import config_problems
+from apriel_jax.model.quant import config_problems as quant_problems
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu", "quick_gelu")
@@ -115,5 +117,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if value < 1:
             problems.append(f"{name}={value} must be at least 1")
     problems.extend(config_problems(cfg))
+    problems.extend(quant_problems(cfg))
     if problems:
         raise ValueError("invalid model config:\n  " + "\n  ".join(problems))

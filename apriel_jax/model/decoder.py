@@ -1,6 +1,6 @@
 """Mistral-NeMo style decoder: token embedding, stacked pre-norm layers (GQA attention, SiLU-gated MLP),
 final RMSNorm and an untied LM head. With a ``lora`` config the layers' projections carry adapters
-(``model/lora.py``)."""
+(``model/lora.py``); with a ``quant`` config they are stored quantized (``model/quant.py``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from flax import nnx
 from apriel_jax.model.attention import SelfAttention
 from apriel_jax.model.layers import GatedMLP, Linear, RMSNorm, logical_param, normal_init
 from apriel_jax.model.lora import DECODER_TARGETS, add_adapters, dropout_keys
+from apriel_jax.model.quant import quantize_projections
 from apriel_jax.model.rope import text_angles
 from apriel_jax.model.stack import make_stack, scan_stack
 from apriel_jax.parallel.rules import ACTIVATION_AXES, constrain
@@ -37,7 +38,7 @@ class KVCache(NamedTuple):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg, *, impl, rngs, param_dtype, dtype, lora=None):
+    def __init__(self, cfg, *, impl, rngs, param_dtype, dtype, lora=None, quant=None):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
         self.attn = SelfAttention(
@@ -46,6 +47,7 @@ class DecoderLayer(nnx.Module):
         )
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, **kw)
+        quantize_projections(self, quant)  # a quantized base (model/quant.py) first, adapters on top of it
         if lora is not None:
             add_adapters(self, DECODER_TARGETS, lora, rngs=rngs)
 
@@ -59,8 +61,8 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, cfg, *, impl="xla", remat_policy="none", remat_group=1, lora=None, rngs: nnx.Rngs,
-                 param_dtype, dtype):
+    def __init__(self, cfg, *, impl="xla", remat_policy="none", remat_group=1, lora=None, quant=None,
+                 rngs: nnx.Rngs, param_dtype, dtype):
         # Plain scalars only: module attributes become static graph metadata, which must be hashable.
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.dtype = dtype
@@ -70,7 +72,8 @@ class Decoder(nnx.Module):
             normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype), ("vocab", "embed")
         )
         self.layers = make_stack(
-            lambda r: DecoderLayer(cfg, impl=impl, rngs=r, param_dtype=param_dtype, dtype=dtype, lora=lora),
+            lambda r: DecoderLayer(cfg, impl=impl, rngs=r, param_dtype=param_dtype, dtype=dtype, lora=lora,
+                                   quant=quant),
             cfg.num_layers,
             rngs,
         )

@@ -1,5 +1,5 @@
-"""Creating models: abstract (no memory), on one device, or directly sharded over a mesh; and a model with
-LoRA adapters on an existing (e.g. pretrained) base."""
+"""Creating models: abstract (no memory), on one device, or directly sharded over a mesh; a model with
+LoRA adapters on an existing (e.g. pretrained) base; a model with its decoder projections quantized."""
 
 from __future__ import annotations
 
@@ -94,3 +94,29 @@ def merged_model(model: AprielModel) -> AprielModel:
         return model
     state, cfg = merge_adapters(nnx.state(model), model.config.as_configdict())
     return model_from_state(cfg, state)
+
+
+def quantized_model(model: AprielModel, mode: str, group_size: int = 128) -> AprielModel:
+    """``model`` with its decoder projections quantized (``model/quant.py``), its other parameters (LoRA
+    adapters included) shared. Quantizes arrays already in memory, so the full-precision model must fit:
+    for a large checkpoint use ``from_pretrained(path, quant=...)``, which quantizes layer by layer as it reads."""
+    from apriel_jax.model.quant import DECODER_PROJECTIONS, kernel_in_axes, quantize, with_quant
+
+    cfg = model.config.as_configdict()
+    if cfg.get("quant") is not None and cfg.quant.mode != "none":
+        raise ValueError(f"the model is already quantized ({cfg.quant.mode})")
+    cfg = with_quant(cfg, mode, group_size)
+    abstract = {param_path(p): v for p, v in nnx.to_flat_state(nnx.state(abstract_model(cfg)))}
+    flat = []
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        name = param_path(path)
+        parent = tuple(name.split("/")[-3:-1])
+        if not (name.startswith("decoder/layers/") and name.endswith("/kernel") and parent in DECODER_PROJECTIONS.values()):
+            flat.append((path, var))
+            continue
+        in_axes = kernel_in_axes(name)
+        q, s = jax.vmap(lambda w: quantize(w, in_axes, mode, group_size))(var[...])  # over the stacked layers
+        owner = path[:-1]
+        for leaf, value in (("qkernel", q), ("qscale", s)):
+            flat.append(((*owner, leaf), abstract[f"{name.removesuffix('/kernel')}/{leaf}"].replace(value)))
+    return model_from_state(cfg, nnx.from_flat_state(flat))

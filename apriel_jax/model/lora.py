@@ -1,6 +1,7 @@
 """LoRA adapters on the decoder's projections (and optionally the projector's two linear maps).
 
-A targeted ``Linear`` keeps its kernel W [*in, *out] and gains A [*in, r] and B [r, *out]:
+A targeted ``Linear`` keeps its kernel W [*in, *out] and gains A [*in, r] and B [r, *out] (a quantized base,
+``model/quant.py``, keeps its quantized W the same way):
 
     y = x @ W (+ bias) + dropout(x) @ A @ B * (alpha / r)
 
@@ -28,12 +29,11 @@ import ml_collections
 from flax import nnx
 
 from apriel_jax.model.layers import Linear, logical_param
+from apriel_jax.model.quant import DECODER_PROJECTIONS, QuantizedLinear
+from apriel_jax.model.quant import enabled as quant_enabled
 
 # PEFT / HF module name -> (sub-module, attribute) inside one decoder layer.
-DECODER_TARGETS = {
-    "q_proj": ("attn", "q"), "k_proj": ("attn", "k"), "v_proj": ("attn", "v"), "o_proj": ("attn", "o"),
-    "gate_proj": ("mlp", "gate"), "up_proj": ("mlp", "up"), "down_proj": ("mlp", "down"),
-}
+DECODER_TARGETS = DECODER_PROJECTIONS
 PROJECTOR_TARGETS = ("linear_1", "linear_2")
 TARGETS = (*DECODER_TARGETS, *PROJECTOR_TARGETS)
 RANK_AXIS = "lora_rank"
@@ -117,26 +117,21 @@ def config_problems(model_cfg) -> list[str]:
     return problems
 
 
-class LoRALinear(Linear):
-    """A ``Linear`` with a low-rank update; its kernel and bias are the base layer's own parameters, so
-    their paths (``.../attn/q/kernel``) are those of the plain model and the adapters sit beside them
-    (``.../attn/q/lora_a``, ``.../attn/q/lora_b``)."""
+class Adapter:
+    """The low-rank update shared by LoRALinear and QuantizedLoRALinear (a mixin on top of the layer class)."""
 
-    def __init__(self, base: Linear, rank: int, alpha: float, dropout: float, *, rngs: nnx.Rngs):
-        self.in_axes, self.dtype = base.in_axes, base.dtype
-        self.kernel, self.bias = base.kernel, base.bias
-        n, shape, axes = base.in_axes, base.kernel.shape, tuple(base.kernel.get_metadata()["out_sharding"])
+    def _init_adapter(self, shape, axes, dtype, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs) -> None:
+        n = self.in_axes
         bound = 1.0 / math.sqrt(math.prod(shape[:n]))
-        a = jax.random.uniform(rngs.params(), (*shape[:n], rank), base.kernel.dtype, -bound, bound)
+        a = jax.random.uniform(rngs.params(), (*shape[:n], rank), dtype, -bound, bound)
         self.lora_a = logical_param(a, (*axes[:n], RANK_AXIS))
-        self.lora_b = logical_param(jnp.zeros((rank, *shape[n:]), base.kernel.dtype), (RANK_AXIS, *axes[n:]))
+        self.lora_b = logical_param(jnp.zeros((rank, *shape[n:]), dtype), (RANK_AXIS, *axes[n:]))
         self.scale, self.dropout = alpha / rank, dropout
         # Set only for the length of a training forward pass (``dropout_keys``): None means no dropout, so
         # evaluation and generation are deterministic whatever the config says.
         self.dropout_key = None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = super().__call__(x)
+    def _add_update(self, x: jax.Array, y: jax.Array) -> jax.Array:
         h = x.astype(self.dtype)
         if self.dropout_key is not None and self.dropout > 0:
             keep = 1.0 - self.dropout
@@ -146,6 +141,36 @@ class LoRALinear(Linear):
         low = jax.lax.dot_general(h, self.lora_a[...].astype(self.dtype), contract)
         update = jax.lax.dot_general(low, self.lora_b[...].astype(self.dtype), (((low.ndim - 1,), (0,)), ((), ())))
         return y + (update * self.scale).astype(y.dtype)
+
+
+class LoRALinear(Adapter, Linear):
+    """A ``Linear`` with a low-rank update; its kernel and bias are the base layer's own parameters, so
+    their paths (``.../attn/q/kernel``) are those of the plain model and the adapters sit beside them
+    (``.../attn/q/lora_a``, ``.../attn/q/lora_b``)."""
+
+    def __init__(self, base: Linear, rank: int, alpha: float, dropout: float, *, rngs: nnx.Rngs):
+        self.in_axes, self.dtype = base.in_axes, base.dtype
+        self.kernel, self.bias = base.kernel, base.bias
+        axes = tuple(base.kernel.get_metadata()["out_sharding"])
+        self._init_adapter(base.kernel.shape, axes, base.kernel.dtype, rank, alpha, dropout, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self._add_update(x, Linear.__call__(self, x))
+
+
+class QuantizedLoRALinear(Adapter, QuantizedLinear):
+    """Adapters (in the model's param dtype) beside a quantized frozen kernel (``model/quant.py``): the
+    quantized leaves keep their paths (``.../attn/q/qkernel``), the adapters are those of LoRALinear."""
+
+    def __init__(self, base: QuantizedLinear, rank: int, alpha: float, dropout: float, *, rngs: nnx.Rngs):
+        self.in_axes, self.dtype, self.param_dtype = base.in_axes, base.dtype, base.param_dtype
+        self.mode, self.group_size = base.mode, base.group_size
+        self.qkernel, self.qscale, self.bias = base.qkernel, base.qscale, base.bias
+        axes = tuple(base.qkernel.get_metadata()["out_sharding"])
+        self._init_adapter(base.kernel_shape, axes, base.param_dtype, rank, alpha, dropout, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self._add_update(x, QuantizedLinear.__call__(self, x))
 
 
 def add_adapters(module: nnx.Module, targets: dict[str, tuple[str, ...]], lora, *, rngs: nnx.Rngs) -> None:
@@ -158,7 +183,8 @@ def add_adapters(module: nnx.Module, targets: dict[str, tuple[str, ...]], lora, 
         for attr in path[:-1]:
             parent = getattr(parent, attr)
         base = getattr(parent, path[-1])
-        setattr(parent, path[-1], LoRALinear(base, lora.rank, lora.alpha, lora.dropout, rngs=rngs))
+        adapted = QuantizedLoRALinear if isinstance(base, QuantizedLinear) else LoRALinear
+        setattr(parent, path[-1], adapted(base, lora.rank, lora.alpha, lora.dropout, rngs=rngs))
 
 
 @contextlib.contextmanager
@@ -166,7 +192,7 @@ def dropout_keys(module: nnx.Module, key: jax.Array | None):
     """Give every adapter inside ``module`` its own dropout key (from ``key``) for the calls made inside the
     block; ``key`` None leaves them without dropout. The keys are removed again on exit, so a model is never
     left holding arrays of a finished trace."""
-    adapters = [m for _, m in nnx.iter_modules(module) if isinstance(m, LoRALinear)] if key is not None else []
+    adapters = [m for _, m in nnx.iter_modules(module) if isinstance(m, Adapter)] if key is not None else []
     for i, adapter in enumerate(adapters):
         adapter.dropout_key = jax.random.fold_in(key, i)
     try:
@@ -191,6 +217,10 @@ def merge_adapters(state: nnx.State, model_cfg) -> tuple[nnx.State, ml_collectio
     W + (alpha / r) * A @ B (computed in fp32, stored in W's dtype) and the adapter leaves are dropped."""
     if not enabled(model_cfg):
         return state, model_cfg
+    if quant_enabled(model_cfg):
+        raise ValueError(f"cannot fold LoRA adapters into {model_cfg.quant.mode} kernels (the merged weight would "
+                         "be rounded to the quantization grid): export the adapters (export_peft) and apply them to "
+                         "the full-precision base, or load the checkpoint without quant and merge there")
     scale = model_cfg.lora.alpha / model_cfg.lora.rank
     flat = {"/".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(state)}
     merged = []

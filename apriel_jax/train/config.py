@@ -34,6 +34,9 @@ import ml_collections
 
 from apriel_jax.model import get_preset
 from apriel_jax.model.lora import lora_config, settings_problems
+from apriel_jax.model.quant import DECODER_PROJECTIONS, QUANTIZED_LEAVES, quant_config
+from apriel_jax.model.quant import enabled as quant_enabled
+from apriel_jax.model.quant import settings_problems as quant_settings_problems
 
 SOURCE_KINDS = ("jsonl", "array_record", "parquet", "bytes_text", "tfds", "synthetic", "synthetic_text",
                 "synthetic_chat")
@@ -111,6 +114,10 @@ def train_config() -> ml_collections.ConfigDict:
     # random or from init.from_pretrained, and trains only them: the adapters inside the `trainable` parts
     # get gradients and optimizer state, every base weight stays frozen.
     cfg.lora = lora_config()
+    # A quantized frozen base (apriel_jax/model/quant.py): mode "int8" | "int4" stores the decoder's seven
+    # projections quantized (the pretrained ones quantized as they are read); they never train, so it goes
+    # with LoRA (lora.rank > 0) or with `trainable` parts that leave the decoder layers out.
+    cfg.quant = quant_config()
     cfg.steps = 100
     cfg.grad_accum_steps = 1
     cfg.chunk_size = 1024  # sequence chunk of the cross-entropy (logits are never materialised whole)
@@ -188,6 +195,7 @@ def validate_train_config(cfg) -> None:
         problems.append(f"optimizer.schedule={cfg.optimizer.schedule!r} is not one of {SCHEDULES}")
     problems.extend(_number_problems(cfg))
     problems.extend(settings_problems(cfg.lora))
+    problems.extend(_quant_problems(cfg))
     for key in ("steps", "grad_accum_steps", "chunk_size", "max_bad_steps"):
         if cfg[key] < 1:
             problems.append(f"{key}={cfg[key]} must be >= 1")
@@ -200,6 +208,25 @@ def validate_train_config(cfg) -> None:
                         f"grad_accum_steps={cfg.grad_accum_steps}")
     if problems:
         raise ValueError("bad train config: " + "; ".join(problems))
+
+
+def _quant_problems(cfg) -> list[str]:
+    """A quantized base whose quantized projections the run would train (no LoRA): they cannot train."""
+    quant = cfg.get("quant")
+    if quant is None:
+        return []
+    problems = quant_settings_problems(quant)
+    if problems or not quant_enabled(cfg) or cfg.lora.rank:
+        return problems
+    from apriel_jax.train.optimizer import quantized_trained, trainable_for_step
+
+    names = [f"decoder/layers/{a}/{b}/{leaf}" for a, b in DECODER_PROJECTIONS.values() for leaf in QUANTIZED_LEAVES]
+    trained = quantized_trained(names, trainable_for_step(cfg.trainable, cfg.data.patch_budget))
+    if trained:
+        problems.append(f"quant.mode={quant.mode!r} freezes the decoder projections, but trainable={tuple(cfg.trainable)} "
+                        f"trains them (e.g. {trained[0]}) and lora.rank is 0: train LoRA adapters on the quantized "
+                        "base (lora.rank > 0), leave the decoder layers out of trainable, or set quant.mode='none'")
+    return problems
 
 
 # (field, lowest, highest, whether the lowest is allowed): every such number must also be finite. A

@@ -57,6 +57,8 @@ from apriel_jax.model import create_model
 from apriel_jax.model.factory import adapted_model, merged_model
 from apriel_jax.model.lora import enabled as lora_enabled
 from apriel_jax.model.lora import with_lora
+from apriel_jax.model.quant import enabled as quant_enabled
+from apriel_jax.model.quant import with_quant
 from apriel_jax.parallel import distributed
 from apriel_jax.parallel.mesh import make_mesh
 from apriel_jax.train.task_eval import TaskEval
@@ -92,6 +94,13 @@ def _check_batch(cfg, mesh) -> None:
             f"{cfg.grad_accum_steps} micro-batches, so it must be a multiple of {need}")
 
 
+def run_model_config(cfg):
+    """The model config a run trains: ``cfg.model`` with the run's quantized base and LoRA adapters (when
+    ``quant.mode`` / ``lora.rank`` ask for them)."""
+    model_cfg = with_quant(cfg.model, cfg.quant.mode, cfg.quant.group_size) if quant_enabled(cfg) else cfg.model
+    return with_lora(model_cfg, cfg.lora) if cfg.lora.rank else model_cfg
+
+
 def optimizer_from_config(cfg):
     """The optimizer and learning-rate schedule a run config asks for."""
     o = cfg.optimizer
@@ -111,12 +120,14 @@ def _model(cfg, mesh):
     if cfg.init.from_pretrained:
         from apriel_jax.checkpoint.pretrained import from_pretrained
 
-        model = merged_model(from_pretrained(cfg.init.from_pretrained, mesh=mesh,
+        # A quantized base is quantized as it is read (model/quant.py).
+        quant = dict(quant=cfg.quant.mode, group_size=cfg.quant.group_size) if quant_enabled(cfg) else {}
+        model = merged_model(from_pretrained(cfg.init.from_pretrained, mesh=mesh, **quant,
                                              param_dtype=cfg.init.param_dtype or None, dtype=cfg.init.dtype or None))
         if cfg.lora.rank:
             model = adapted_model(model, cfg.lora, seed=cfg.init.seed, mesh=mesh)
         return model.config.as_configdict(), model
-    model_cfg = with_lora(cfg.model, cfg.lora) if cfg.lora.rank else cfg.model
+    model_cfg = run_model_config(cfg)
     return model_cfg, create_model(model_cfg, seed=cfg.init.seed, mesh=mesh)
 
 

@@ -2,7 +2,8 @@
 
 Parameters are addressed by their "/"-joined path in the model state, e.g. ``decoder/layers/mlp/gate/kernel``.
 A stage of the recipe trains a subset of the model (realign: the projector only; some CPT stages keep the
-vision tower frozen; a LoRA stage only the adapters, ``.../lora_a`` and ``.../lora_b``). Frozen parameters
+vision tower frozen; a LoRA stage only the adapters, ``.../lora_a`` and ``.../lora_b``; a quantized base,
+``model/quant.py``, is frozen and may only carry adapters). Frozen parameters
 are split out of the differentiated state, so they get neither gradients nor optimizer moments (for the 15B
 model Adam moments alone are 120 GB in fp32).
 """
@@ -18,6 +19,7 @@ import optax
 from flax import nnx
 
 from apriel_jax.model.factory import param_path
+from apriel_jax.model.quant import is_quantized_leaf
 
 # Named groups. "decoder" is the transformer body (layers + final norm); the token embedding and the LM
 # head form their own group because stages treat them differently from the layers.
@@ -100,17 +102,33 @@ def trainable_for_step(patterns: Sequence[str], patch_budget: int, adapters: boo
     return (*patterns, "&lora") if adapters else patterns
 
 
+def _named(patterns: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a "/"-joined path is matched by groups or globs, by no ``!``-pattern and by every ``&``-pattern."""
+    include, exclude, required = _signed(patterns)
+    return lambda name: (matches(name, include) and not matches(name, exclude)
+                         and all(matches(name, globs) for globs in required))
+
+
 def trainable_filter(patterns: Sequence[str]) -> Callable:
     """An nnx filter ``(path, variable) -> bool`` selecting parameters matched by groups or globs, by no
-    ``!``-pattern and by every ``&``-pattern."""
-    include, exclude, required = _signed(patterns)
+    ``!``-pattern and by every ``&``-pattern. Only ``nnx.Param`` leaves: quantized weights (model/quant.py)
+    never train."""
+    named = _named(patterns)
+    return lambda path, variable: isinstance(variable, nnx.Param) and named(param_path(path))
 
-    def select(path, variable) -> bool:
-        name = param_path(path)
-        return (isinstance(variable, nnx.Param) and matches(name, include) and not matches(name, exclude)
-                and all(matches(name, globs) for globs in required))
 
-    return select
+def quantized_trained(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The quantized leaves among ``names`` that ``patterns`` would train (they cannot: frozen by design)."""
+    named = _named(patterns)
+    return [n for n in names if is_quantized_leaf(n) and named(n)]
+
+
+def _refuse_quantized(names: Sequence[str], patterns: Sequence[str]) -> None:
+    trained = quantized_trained(names, patterns)
+    if trained:
+        raise ValueError(f"trainable {tuple(patterns)} includes quantized weights ({len(trained)} leaves, e.g. "
+                         f"{trained[0]!r}), which are frozen: train LoRA adapters on the quantized base "
+                         "(lora.rank > 0), exclude the decoder layers from trainable, or load the model without quant")
 
 
 def split_trainable(state: nnx.State, patterns: Sequence[str]) -> tuple[nnx.State, nnx.State]:
@@ -121,6 +139,7 @@ def split_trainable(state: nnx.State, patterns: Sequence[str]) -> tuple[nnx.Stat
         if not any(matches(n, expand_patterns([p.lstrip("!&")])) for n in names):
             raise ValueError(f"trainable pattern {p!r} matches no parameter; groups: {sorted(GROUPS)}, "
                              f"or a glob over paths like {names[0]!r}")
+    _refuse_quantized(names, patterns)
     trainable, frozen = nnx.split_state(state, trainable_filter(patterns), ...)
     if not nnx.to_flat_state(trainable):
         raise ValueError(f"trainable {tuple(patterns)} leaves nothing to train"

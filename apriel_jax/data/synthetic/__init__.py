@@ -12,7 +12,7 @@ from .metrics import (
     parse_label,
     parse_presence,
 )
-from .shapes import CATEGORIES, COLORS, ImageFolderSource, ObjectAnnotation, render_scene
+from .shapes import CATEGORIES, COLORS, ImageFolderSource, ObjectAnnotation, render_grid_scene, render_scene
 from .tasks import (
     DEFAULT_TASKS,
     TASKS,
@@ -49,5 +49,6 @@ __all__ = [
     "parse_count",
     "parse_label",
     "parse_presence",
+    "render_grid_scene",
     "render_scene",
 ]

@@ -43,6 +43,7 @@ __all__ = [
     "MIN_GAP",
     "ObjectAnnotation",
     "plural",
+    "render_grid_scene",
     "render_scene",
 ]
 
@@ -181,6 +182,53 @@ def render_scene(
                 break
         else:
             break  # scene is full: keep what fits rather than loop forever
+        category = str(categories[int(rng.integers(len(categories)))])
+        color = str(colors[int(rng.integers(len(colors)))])
+        mask = _object_mask(category, size, x0, y0, s, rng)
+        ys, xs = np.nonzero(mask)
+        pixels[mask] = COLORS[color]
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        annotations.append(ObjectAnnotation(category, color, box))
+    return Image.fromarray(pixels, "RGB"), annotations
+
+
+def render_grid_scene(
+    rng: np.random.Generator,
+    size: tuple[int, int] = (256, 256),
+    grid: int = 2,
+    count: int = 1,
+    categories: Sequence[str] = CATEGORIES,
+    colors: Sequence[str] = tuple(COLORS),
+    fill: float = 0.875,
+    jitter: float = 0.0,
+    noise: float = 0.0,
+) -> tuple[Image.Image, list[ObjectAnnotation]]:
+    """Draw ``count`` shapes in distinct cells of a ``grid`` x ``grid`` grid; ``(RGB image, annotations)``.
+
+    Each object's square footprint is ``fill`` of its cell's short side (at most the side less ``MIN_GAP``)
+    and sits at the cell's centre, moved towards a random point of the cell by ``jitter`` in [0, 1], keeping
+    1 px of every cell clear. The cells are chosen at random without replacement, so objects never share a
+    cell and are at least ``MIN_GAP`` pixels apart, as in :func:`render_scene`. When the cells match a vision
+    encoder's patches, each object lies in one patch and the count is the number of patches that show one.
+    """
+    h, w = size
+    if grid < 1 or not 0 <= count <= grid * grid:
+        raise ValueError(f"cannot place {count} objects in a {grid} x {grid} grid")
+    if not 0 < fill <= 1:
+        raise ValueError(f"fill must be in (0, 1], got {fill}")
+    ch, cw = h // grid, w // grid
+    s = min(int(round(min(ch, cw) * fill)), min(ch, cw) - MIN_GAP)
+    if s < 2:
+        raise ValueError(f"{cw} x {ch} px cells are too small for objects {MIN_GAP} px apart")
+    pixels = _background(rng, h, w, noise)
+    annotations: list[ObjectAnnotation] = []
+    for cell in sorted(rng.choice(grid * grid, size=count, replace=False)):
+        row, col = divmod(int(cell), grid)
+        # the centred corner, and how far it may move inside the cell (1 px kept clear on every side)
+        cx, cy = col * cw + (cw - s) / 2, row * ch + (ch - s) / 2
+        slack_x, slack_y = max(0.0, (cw - s) / 2 - 1), max(0.0, (ch - s) / 2 - 1)
+        x0 = int(round(cx + jitter * rng.uniform(-slack_x, slack_x)))
+        y0 = int(round(cy + jitter * rng.uniform(-slack_y, slack_y)))
         category = str(categories[int(rng.integers(len(categories)))])
         color = str(colors[int(rng.integers(len(colors)))])
         mask = _object_mask(category, size, x0, y0, s, rng)
