@@ -182,14 +182,19 @@ def render_scene(
                 break
         else:
             break  # scene is full: keep what fits rather than loop forever
-        category = str(categories[int(rng.integers(len(categories)))])
-        color = str(colors[int(rng.integers(len(colors)))])
-        mask = _object_mask(category, size, x0, y0, s, rng)
-        ys, xs = np.nonzero(mask)
-        pixels[mask] = COLORS[color]
-        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        annotations.append(ObjectAnnotation(category, color, box))
+        annotations.append(_draw_object(pixels, rng, size, categories, colors, x0, y0, s))
     return Image.fromarray(pixels, "RGB"), annotations
+
+
+def _draw_object(pixels, rng, size, categories, colors, x0: int, y0: int, s: int) -> ObjectAnnotation:
+    """Draw one object of a random category and colour in the ``s``-px square at (x0, y0) into ``pixels``;
+    its annotation, with the tight bounding box of the pixels drawn."""
+    category = str(categories[int(rng.integers(len(categories)))])
+    color = str(colors[int(rng.integers(len(colors)))])
+    mask = _object_mask(category, size, x0, y0, s, rng)
+    ys, xs = np.nonzero(mask)
+    pixels[mask] = COLORS[color]
+    return ObjectAnnotation(category, color, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
 
 
 def render_grid_scene(
@@ -229,13 +234,7 @@ def render_grid_scene(
         slack_x, slack_y = max(0.0, (cw - s) / 2 - 1), max(0.0, (ch - s) / 2 - 1)
         x0 = int(round(cx + jitter * rng.uniform(-slack_x, slack_x)))
         y0 = int(round(cy + jitter * rng.uniform(-slack_y, slack_y)))
-        category = str(categories[int(rng.integers(len(categories)))])
-        color = str(colors[int(rng.integers(len(colors)))])
-        mask = _object_mask(category, size, x0, y0, s, rng)
-        ys, xs = np.nonzero(mask)
-        pixels[mask] = COLORS[color]
-        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        annotations.append(ObjectAnnotation(category, color, box))
+        annotations.append(_draw_object(pixels, rng, size, categories, colors, x0, y0, s))
     return Image.fromarray(pixels, "RGB"), annotations
 
 
