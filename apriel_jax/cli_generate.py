@@ -45,14 +45,21 @@ def add_parser(commands, debug, fmt) -> None:
     gen.add_argument("--adapter", metavar="DIR",
                      help="LoRA adapters to apply: a PEFT adapter directory (adapter_config.json + "
                           "adapter_model.safetensors), e.g. written by `apriel-jax convert orbax-to-peft` or by peft")
+    gen.add_argument("--quant", choices=("none", "int8", "int4"), default="none", metavar="MODE",
+                     help="store the decoder's seven projections quantized, as they are read: int8 (per output "
+                          "channel) or int4 (groups of --group-size along the input); none (default): as stored")
+    gen.add_argument("--group-size", type=int, default=128, metavar="N",
+                     help="int4 group size along each projection's input (default: 128)")
     gen.set_defaults(handler=_run_generate)
 
 
 def _load_model(args):
-    """The checkpoint's model, with the --adapter's LoRA adapters when one is given."""
+    """The checkpoint's model (its projections quantized with --quant), with the --adapter's LoRA adapters
+    when one is given."""
     from apriel_jax.checkpoint.pretrained import from_pretrained
 
-    model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
+    model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype,
+                            quant=None if args.quant == "none" else args.quant, group_size=args.group_size)
     if args.adapter:
         from apriel_jax.checkpoint.peft_adapters import load_peft
 
@@ -80,6 +87,8 @@ def _run_generate(args, overrides: list[str]) -> int:
         read_adapter_config(args.adapter)  # raises for a directory that is not a PEFT adapter
     if args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.group_size < 1:
+        raise UsageError(f"--group-size must be >= 1, got {args.group_size}")
     try:
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k)

@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the nb_* modules, also when this file is loaded by path (tests)
     sys.path.insert(0, str(HERE))
 
+from nb_colab_lora import colab_lora  # noqa: E402
 from nb_conversion import conversion  # noqa: E402
 from nb_finetune import finetune  # noqa: E402
 from nb_quickstart import quickstart  # noqa: E402
@@ -34,6 +35,7 @@ NOTEBOOKS = {
     "02_finetune.ipynb": finetune,
     "03_conversion.ipynb": conversion,
     "04_recipe.ipynb": recipe,
+    "05_colab_lora.ipynb": colab_lora,
 }
 
 

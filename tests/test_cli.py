@@ -143,6 +143,18 @@ def test_generate_with_image(tiny_checkpoint, tmp_path, capsys):
     new = new[: new.index(tok.eos_id)] if tok.eos_id in new else new
     assert captured.out == tok.decode(new) + "\n"
 
+    # --quant int8: the model loaded with its projections quantized, as from_pretrained(quant="int8") gives it.
+    assert main([*argv, "--quant", "int8"]) == 0
+    quantized = from_pretrained(tiny_checkpoint, quant="int8")
+    new, _ = generate(quantized, batch, SamplingConfig(max_new_tokens=5, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id),
+                      rng=jax.random.key(0))
+    new = np.asarray(new)[0].tolist()
+    new = new[: new.index(tok.eos_id)] if tok.eos_id in new else new
+    assert capsys.readouterr().out == tok.decode(new) + "\n"
+    # An int4 group that does not divide the projections' inputs: one line, exit 2.
+    assert main([*argv, "--quant", "int4", "--group-size", "7"]) == 2
+    assert "group_size=7" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("case", ["missing", "empty", "truncated", "no_tokenizer"])
 def test_bad_checkpoint_is_one_line_exit_2(case, tiny_checkpoint, tmp_path, capsys):

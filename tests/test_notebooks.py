@@ -34,6 +34,9 @@ EXPECTED = {
     "04_recipe.ipynb": ["pipeline demo: 9 stages", "pipeline apriel_15b: 8 stages", "held-out loss",
                         "held-out counting accuracy", "merged ['sft_subset', 'sft_long']",
                         re.compile(r"transformers check: (LlavaForConditionalGeneration loads it|skipped)")],
+    "05_colab_lora.ipynb": ["base quantized to int8", "quantized base: int8", "completed at step 4",
+                            "adapters exported: adapter_config.json", "logits identical to the trained model's: True",
+                            "answer:"],
 }
 
 

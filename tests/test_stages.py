@@ -184,6 +184,10 @@ def test_demo_pipeline_runs_end_to_end_in_a_bucket_and_exports_for_transformers(
     cfg.run_dir = run
     cfg.mesh.update(fsdp=4, tensor=2)  # every stage also runs tensor-parallel
     shrink_to_smoke_size(cfg, averaged_save_every=2)  # averaged stages: checkpoints at 2, 4, 6
+    # Without cpt1 and sft_long, whose kinds of stage (everything trained; an SFT run from a named stage) the
+    # others cover here; notebook 04 runs all nine stages of the demo locally.
+    cfg.order = [name for name in cfg.order if name not in ("cpt1", "sft_long")]
+    cfg.stages.merge.merge.stages = ["sft_main", "sft_subset"]
     assert run_and_report(cfg) == 0
     out = capsys.readouterr().out
     assert "transformers check: LlavaForConditionalGeneration loads it" in out

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from apriel_jax import storage
 from apriel_jax.checkpoint.hf_export import to_host
@@ -236,7 +236,18 @@ def _build_adapters(source, cfg, expected, mesh, rules) -> nnx.State:
     return jax.tree_util.tree_map_with_path(build, abstract, shardings)
 
 
+def _mesh_of(model) -> Mesh | None:
+    """The mesh ``model``'s arrays are placed on (None when they are not on a named mesh)."""
+    for leaf in jax.tree.leaves(nnx.state(model)):
+        if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+            return leaf.sharding.mesh
+    return None
+
+
 def load_peft(path, model, *, mesh: Mesh | None = None, rules=DEFAULT_RULES):
-    """``model`` (a plain base model) with the adapters of the PEFT directory ``path``."""
+    """``model`` (a plain or quantized base model) with the adapters of the PEFT directory ``path``, sharded
+    over ``mesh`` (default: the mesh the model's arrays are on, so that adapters and weights meet in the
+    same computations)."""
+    mesh = mesh or _mesh_of(model)
     lora, adapters = read_adapters(path, model.config.as_configdict(), mesh=mesh, rules=rules)
     return adapted_model(model, lora, adapters=adapters)

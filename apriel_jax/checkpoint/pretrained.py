@@ -20,7 +20,8 @@ from apriel_jax.checkpoint import hf_export, hf_import, mistral, orbax_io, peft_
 from apriel_jax.checkpoint.hf_config import ConfigError, from_hf_config
 from apriel_jax.checkpoint.safetensors_io import SafetensorsCheckpoint, write_safetensors_checkpoint
 from apriel_jax.model.factory import model_from_state, param_path
-from apriel_jax.model.quant import DEFAULT_GROUP_SIZE, MODES, enabled as quant_enabled, is_quantized_leaf, with_quant
+from apriel_jax.model.quant import DEFAULT_GROUP_SIZE, MODES, config_problems as quant_problems, enabled as quant_enabled, \
+    is_quantized_leaf, with_quant
 from apriel_jax.parallel.rules import DEFAULT_RULES
 
 
@@ -82,7 +83,13 @@ def _quantized(cfg, quant: str | None, group_size: int, where):
             raise ValueError(f"{where} is stored quantized ({cfg.quant.mode}, group size {cfg.quant.group_size}); "
                              f"it loads only as stored, not as quant={quant!r} (group size {group_size})")
         return cfg
-    return with_quant(cfg, quant, group_size) if quant else cfg
+    if not quant:
+        return cfg
+    quantized = with_quant(cfg, quant, group_size)
+    problems = quant_problems(quantized)
+    if problems:  # e.g. an int4 group that does not divide a projection's input: before any weight is read
+        raise ConfigError(f"{where} cannot load as quant={quant!r}: " + "; ".join(problems))
+    return quantized
 
 
 def load_config_and_state(path, *, dtype: str | None = None, param_dtype: str | None = None,
