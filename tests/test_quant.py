@@ -280,13 +280,13 @@ def test_quantized_lora_run_trains_adapters_only_and_resumes_bit_identically(tmp
 
 
 def _pattern_batch(rng, rows, seq):
-    """Rows that count up by a per-row stride from a random start (mod 200): learnable in ~100 steps."""
+    """Rows that count up by a per-row stride from a random start (mod 200): learnable in ~200 steps."""
     start, stride = rng.integers(0, 200, (rows, 1)), rng.integers(1, 4, (rows, 1))
     tokens = (20 + (start + stride * np.arange(seq + 1)) % 200).astype(np.int32)
     return tokens
 
 
-def _briefly_trained_tiny_model(steps: int = 100):
+def _briefly_trained_tiny_model(steps: int = 200):
     """The tiny model after ``steps`` Adam steps of next-token prediction on counting rows (a plain jitted
     loop: the full train step's sharding and loss chunking are not what this test is about)."""
     model = AprielModel(get_preset("tiny"), rngs=nnx.Rngs(0))

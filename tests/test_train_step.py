@@ -254,7 +254,9 @@ def test_eight_devices_match_one_device(cfg, model, optimizer, step1, step8, mes
         for k in ("loss", "grad_norm", "tokens", "lr"):
             assert a[k] == pytest.approx(b[k], rel=1e-5), k
     assert int(s8.step) == 2
-    assert_trees_close(host(s8.params), host(s1.params), 1e-5)
+    # 8 shards sum the gradients in another order than 1 device; Adam divides by sqrt(nu), so a tiny
+    # gradient's rounding can move its parameter by ~1e-5 (seen at LLVM -O0, which the suite compiles at).
+    assert_trees_close(host(s8.params), host(s1.params), 2e-5)
     assert_trees_close(host(s8.opt_state), host(s1.opt_state), 1e-5)
 
 
