@@ -134,23 +134,20 @@ def test_generate_with_image(tiny_checkpoint, tmp_path, capsys):
 
     # The same request through the Python API gives the same greedy text.
     tok = load_tokenizer(tiny_checkpoint)
-    model = from_pretrained(tiny_checkpoint)
     ids, images = encode_prompt([load_image(image_path), "describe the picture"], tok, ImageConfig(longest_edge=256))
     batch = prompt_batch([(ids, images)], pad_id=tok.pad_id, image_id=tok.image_id)
-    new, _ = generate(model, batch, SamplingConfig(max_new_tokens=5, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id),
-                      rng=jax.random.key(0))
-    new = np.asarray(new)[0].tolist()
-    new = new[: new.index(tok.eos_id)] if tok.eos_id in new else new
-    assert captured.out == tok.decode(new) + "\n"
+
+    def greedy_text(model):
+        new, _ = generate(model, batch, SamplingConfig(max_new_tokens=5, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id),
+                          rng=jax.random.key(0))
+        new = np.asarray(new)[0].tolist()
+        return tok.decode(new[: new.index(tok.eos_id)] if tok.eos_id in new else new) + "\n"
+
+    assert captured.out == greedy_text(from_pretrained(tiny_checkpoint))
 
     # --quant int8: the model loaded with its projections quantized, as from_pretrained(quant="int8") gives it.
     assert main([*argv, "--quant", "int8"]) == 0
-    quantized = from_pretrained(tiny_checkpoint, quant="int8")
-    new, _ = generate(quantized, batch, SamplingConfig(max_new_tokens=5, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id),
-                      rng=jax.random.key(0))
-    new = np.asarray(new)[0].tolist()
-    new = new[: new.index(tok.eos_id)] if tok.eos_id in new else new
-    assert capsys.readouterr().out == tok.decode(new) + "\n"
+    assert capsys.readouterr().out == greedy_text(from_pretrained(tiny_checkpoint, quant="int8"))
     # An int4 group that does not divide the projections' inputs: one line, exit 2.
     assert main([*argv, "--quant", "int4", "--group-size", "7"]) == 2
     assert "group_size=7" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def _quantized(cfg, quant: str | None, group_size: int, where):
         raise ValueError(f"quant={quant!r} is not one of {MODES}")
     if quant_enabled(cfg):
         if quant not in (None, cfg.quant.mode) or (quant == cfg.quant.mode and group_size != cfg.quant.group_size):
-            raise ValueError(f"{where} is stored quantized ({cfg.quant.mode}, group size {cfg.quant.group_size}); "
+            raise ConfigError(f"{where} is stored quantized ({cfg.quant.mode}, group size {cfg.quant.group_size}); "
                              f"it loads only as stored, not as quant={quant!r} (group size {group_size})")
         return cfg
     if not quant:
