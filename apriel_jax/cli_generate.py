@@ -50,16 +50,20 @@ def add_parser(commands, debug, fmt) -> None:
                           "channel) or int4 (groups of --group-size along the input); none (default): as stored")
     gen.add_argument("--group-size", type=int, default=128, metavar="N",
                      help="int4 group size along each projection's input (default: 128)")
+    gen.add_argument("--quant-embeddings", action="store_true",
+                     help="with --quant: also store the token embedding and the LM head in int8 (one scale "
+                          "per vocabulary row; 1.3 GB less for the 15B)")
     gen.set_defaults(handler=_run_generate)
 
 
 def _load_model(args):
-    """The checkpoint's model (its projections quantized with --quant), with the --adapter's LoRA adapters
-    when one is given."""
+    """The checkpoint's model (its projections quantized with --quant, its embedding and LM head with
+    --quant-embeddings), with the --adapter's LoRA adapters when one is given."""
     from apriel_jax.checkpoint.pretrained import from_pretrained
 
     model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype,
-                            quant=None if args.quant == "none" else args.quant, group_size=args.group_size)
+                            quant=None if args.quant == "none" else args.quant, group_size=args.group_size,
+                            quant_embeddings=args.quant_embeddings)
     if args.adapter:
         from apriel_jax.checkpoint.peft_adapters import load_peft
 
@@ -89,6 +93,9 @@ def _run_generate(args, overrides: list[str]) -> int:
         raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
     if args.group_size < 1:
         raise UsageError(f"--group-size must be >= 1, got {args.group_size}")
+    if args.quant_embeddings and args.quant == "none":
+        raise UsageError("--quant-embeddings goes with --quant int8 or int4 (it quantizes a quantized base's "
+                         "embedding and LM head too)")
     try:
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k)

@@ -1,11 +1,13 @@
 """Compile the 15B LoRA training step on a quantized base for one TPU chip, ahead of time, on this CPU host.
 
-    python benchmarks/quant_aot.py --mode int4 --topology v5e:1x1 [--seq 4096] [--rank 16] [--hlo out.txt]
+    python benchmarks/quant_aot.py --mode int4 --topology v5e:1x1 [--embeddings] [--seq 4096] [--rank 16] [--hlo out.txt]
 
 Prints the compiled step's per-chip memory (arguments, temporaries, peak; GB) and what the optimized HLO
 says about the quantized matmuls: every bf16 array the size of a whole projection weight (one layer's
-[5120, 14336], [5120, 32, 128], ... or a stacked [48, ...]) that an instruction produces, i.e. a
-dequantized copy of a weight that XLA did not fuse into the dot's operand.
+[5120, 14336], [5120, 32, 128], their int4 grouped shapes such as [40, 128, 14336], or a stacked
+[48, ...]) or of a whole vocabulary table (with ``--embeddings``) that an instruction produces, i.e. a
+dequantized copy of a weight (or a weight-sized broadcast of its scales) that XLA did not fuse into the
+dot's operand.
 """
 
 from __future__ import annotations
@@ -24,25 +26,27 @@ from apriel_jax.train.aot import compile_train_step  # noqa: E402
 from apriel_jax.train.optimizer import make_optimizer, trainable_for_step  # noqa: E402
 
 
-def model_config(mode: str, rank: int, group_size: int, layers: int | None = None):
+def model_config(mode: str, rank: int, group_size: int, layers: int | None = None, embeddings: bool = False):
     """The Colab-tier model: the 15B preset in bf16, rank-``rank`` adapters on the seven decoder projections,
-    the projections quantized (``mode``), full remat, attention on the TPU kernel (``auto``: XLA's attention
-    would hold a layer's [heads, S, S] scores)."""
+    the projections quantized (``mode``; the embedding and LM head too with ``embeddings``), full remat,
+    attention on the TPU kernel (``auto``: XLA's attention would hold a layer's [heads, S, S] scores)."""
     cfg = get_preset("apriel_15b")
     if layers:
         cfg.decoder.num_layers = layers
     cfg.dtype, cfg.param_dtype, cfg.remat_policy, cfg.attention_impl = "bfloat16", "bfloat16", "full", "auto"
-    return with_lora(with_quant(cfg, mode, group_size), lora_config(rank=rank, alpha=2.0 * rank))
+    return with_lora(with_quant(cfg, mode, group_size, embeddings), lora_config(rank=rank, alpha=2.0 * rank))
 
 
 def weight_shapes(cfg) -> set[tuple[int, ...]]:
-    """Shapes of one layer's projection kernels in their own layouts, and of the stacked ones. (Their 2-D
-    flattenings are left out: [4096, 5120] is also a 4096-token activation.)"""
+    """Shapes of one layer's projection kernels in their own layouts and int4 grouped ones, of the stacked
+    ones, and of the vocabulary tables. (Their 2-D flattenings are left out: [4096, 5120] is also a
+    4096-token activation.)"""
     d = cfg.decoder
     e, i, h, kv, hd, n = d.hidden_size, d.intermediate_size, d.num_heads, d.num_kv_heads, d.head_dim, d.num_layers
-    g = e // cfg.quant.group_size
-    layer = {(e, i), (i, e), (e, h, hd), (h, hd, e), (e, kv, hd), (g, e // g, i), (g, e // g, h, hd)}
-    return layer | {(n, *s) for s in layer}
+    gs = cfg.quant.group_size
+    layer = {(e, i), (i, e), (e, h, hd), (h, hd, e), (e, kv, hd),
+             (e // gs, gs, i), (i // gs, gs, e), (e // gs, gs, h, hd), (e // gs, gs, kv, hd), (h, hd // gs, gs, e)}
+    return layer | {(n, *s) for s in layer} | {(d.vocab_size, e), (e, d.vocab_size)}
 
 
 def _unfused_lines(hlo: str):
@@ -97,16 +101,17 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--embeddings", action="store_true", help="the embedding and LM head in int8 too")
     parser.add_argument("--layers", type=int, default=0, help="decoder layers (0: the preset's 48)")
     parser.add_argument("--hlo", default="", help="write the optimized HLO here")
     args = parser.parse_args(argv)
 
-    cfg = model_config(args.mode, args.rank, args.group_size, args.layers or None)
+    cfg = model_config(args.mode, args.rank, args.group_size, args.layers or None, args.embeddings)
     trainable = trainable_for_step(("all",), 0, adapters=True)  # text-only LoRA: the decoder's adapters
     result, _ = compile_train_step(cfg, make_optimizer(1e-4), args.topology, {"fsdp": -1}, batch=args.batch,
                                    seq=args.seq, patches=0, trainable=trainable, chunk_size=1024)
     gb = 1e9
-    print(f"{args.mode} {args.topology} seq {args.seq} batch {args.batch} rank {args.rank}: "
+    print(f"{args.mode}{' + int8 embeddings' * args.embeddings} {args.topology} seq {args.seq} batch {args.batch} rank {args.rank}: "
           f"arguments {result.argument_bytes / gb:.2f} GB, temp {result.temp_bytes / gb:.2f} GB, "
           f"output {result.output_bytes / gb:.2f} GB, alias {result.alias_bytes / gb:.2f} GB, "
           f"peak {result.peak_bytes / gb:.2f} GB, fits: {result.fits()}, compile {result.compile_seconds:.0f} s")

@@ -145,9 +145,12 @@ def test_generate_with_image(tiny_checkpoint, tmp_path, capsys):
 
     assert captured.out == greedy_text(from_pretrained(tiny_checkpoint))
 
-    # --quant int8: the model loaded with its projections quantized, as from_pretrained(quant="int8") gives it.
-    assert main([*argv, "--quant", "int8"]) == 0
-    assert capsys.readouterr().out == greedy_text(from_pretrained(tiny_checkpoint, quant="int8"))
+    # --quant int8 --quant-embeddings: the model loaded with its projections, embedding and LM head quantized,
+    # as from_pretrained gives it.
+    assert main([*argv, "--quant", "int8", "--quant-embeddings"]) == 0
+    assert capsys.readouterr().out == greedy_text(from_pretrained(tiny_checkpoint, quant="int8", quant_embeddings=True))
+    assert main([*argv, "--quant-embeddings"]) == 2  # without --quant: nothing to quantize them with
+    assert "--quant-embeddings goes with --quant int8 or int4" in capsys.readouterr().err
     # An int4 group that does not divide the projections' inputs: one line, exit 2.
     assert main([*argv, "--quant", "int4", "--group-size", "7"]) == 2
     assert "group_size=7" in capsys.readouterr().err

@@ -14,10 +14,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from apriel_jax.checkpoint.keymap import TensorMap, detect_layout, expand, key_map
-from apriel_jax.checkpoint.quant_load import quantized_stack
+from apriel_jax.checkpoint.quant_load import quantized_stack, quantized_whole
 from apriel_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from apriel_jax.model.factory import abstract_model, param_path, state_shardings
-from apriel_jax.model.quant import enabled as quant_enabled, is_quantized_leaf, kernel_in_axes, without_quant
+from apriel_jax.model.quant import enabled as quant_enabled, full_precision_path, is_quantized_leaf, is_stacked, \
+    kernel_in_axes, without_quant
 from apriel_jax.parallel.rules import DEFAULT_RULES
 
 # Buffers some exporters save that carry no learned weights.
@@ -137,19 +138,22 @@ def _quantized_leaves(source: SafetensorsCheckpoint, cfg, maps, abstract_state, 
     leaves = {param_path(p): (x, s) for (p, x), s in zip(jax.tree_util.tree_leaves_with_path(abstract_state),
                                                           jax.tree.leaves(shardings))}
     out = {}
+    dtype = jax.numpy.dtype(cfg.param_dtype)
     for path in [p for p in leaves if p.endswith("/qkernel")]:
         owner = path.removesuffix("/qkernel")
-        m = maps[f"{owner}/kernel"]
+        m = maps[full_precision_path(path)]
         (qkernel, kernel_sharding), (qscale, scale_sharding) = leaves[path], leaves[f"{owner}/qscale"]
-        dtype = jax.numpy.dtype(cfg.param_dtype)
 
-        def read_layer(i, m=m, dtype=dtype):
-            name = m.name.format(i=i)
-            layer = np.array(m.to_ours(source.get(name)), dtype=dtype, copy=True)
+        def read(name, m=m):
+            tensor = np.array(m.to_ours(source.get(name)), dtype=dtype, copy=True)
             source.release(name)
-            return layer
+            return tensor
 
-        out[path], out[f"{owner}/qscale"] = quantized_stack(
-            read_layer, qkernel, qscale, kernel_sharding, scale_sharding, mode=cfg.quant.mode, in_axes=kernel_in_axes(path),
-            group_size=cfg.quant.group_size)
+        if is_stacked(path):
+            out[path], out[f"{owner}/qscale"] = quantized_stack(
+                lambda i, m=m, read=read: read(m.name.format(i=i)), qkernel, qscale, kernel_sharding,
+                scale_sharding, mode=cfg.quant.mode, in_axes=kernel_in_axes(path), group_size=cfg.quant.group_size)
+        else:  # a vocabulary table (quant.embeddings): read whole
+            out[path], out[f"{owner}/qscale"] = quantized_whole(read(m.name), path, cfg.quant, kernel_sharding,
+                                                                scale_sharding)
     return out

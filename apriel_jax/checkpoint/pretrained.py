@@ -21,7 +21,7 @@ from apriel_jax.checkpoint.hf_config import ConfigError, from_hf_config
 from apriel_jax.checkpoint.safetensors_io import SafetensorsCheckpoint, write_safetensors_checkpoint
 from apriel_jax.model.factory import model_from_state, param_path
 from apriel_jax.model.quant import DEFAULT_GROUP_SIZE, MODES, config_problems as quant_problems, enabled as quant_enabled, \
-    is_quantized_leaf, with_quant
+    embeddings_enabled as quant_embeddings_enabled, is_quantized_leaf, with_quant
 from apriel_jax.parallel.rules import DEFAULT_RULES
 
 
@@ -74,18 +74,20 @@ def _with_dtype(state, param_dtype: str):
         lambda p, a: a if is_quantized_leaf(param_path(p)) else a.astype(param_dtype), state)
 
 
-def _quantized(cfg, quant: str | None, group_size: int, where):
+def _quantized(cfg, quant: str | None, group_size: int, embeddings: bool, where):
     """``cfg`` with the requested quantization; a checkpoint stored quantized loads only as it is."""
     if quant is not None and quant not in MODES:
         raise ValueError(f"quant={quant!r} is not one of {MODES}")
     if quant_enabled(cfg):
-        if quant not in (None, cfg.quant.mode) or (quant == cfg.quant.mode and group_size != cfg.quant.group_size):
-            raise ConfigError(f"{where} is stored quantized ({cfg.quant.mode}, group size {cfg.quant.group_size}); "
-                             f"it loads only as stored, not as quant={quant!r} (group size {group_size})")
+        stored = (cfg.quant.mode, cfg.quant.group_size, quant_embeddings_enabled(cfg))
+        if quant not in (None, cfg.quant.mode) or (quant == cfg.quant.mode and (group_size, embeddings) != stored[1:]):
+            raise ConfigError(f"{where} is stored quantized ({cfg.quant.mode}, group size {cfg.quant.group_size}, "
+                              f"embeddings {stored[2]}); it loads only as stored, not as quant={quant!r} (group size "
+                              f"{group_size}, embeddings {embeddings})")
         return cfg
     if not quant:
         return cfg
-    quantized = with_quant(cfg, quant, group_size)
+    quantized = with_quant(cfg, quant, group_size, embeddings)
     problems = quant_problems(quantized)
     if problems:  # e.g. an int4 group that does not divide a projection's input: before any weight is read
         raise ConfigError(f"{where} cannot load as quant={quant!r}: " + "; ".join(problems))
@@ -94,16 +96,17 @@ def _quantized(cfg, quant: str | None, group_size: int, where):
 
 def load_config_and_state(path, *, dtype: str | None = None, param_dtype: str | None = None,
                           mesh: Mesh | None = None, rules=DEFAULT_RULES, quant: str | None = None,
-                          group_size: int = DEFAULT_GROUP_SIZE):
+                          group_size: int = DEFAULT_GROUP_SIZE, quant_embeddings: bool = False):
     """(config, parameter state) from any supported checkpoint directory.
 
     ``param_dtype`` defaults to the dtype stored in the checkpoint, ``dtype`` (compute) to param_dtype.
-    ``quant`` ("int8" / "int4"; ``model/quant.py``) quantizes the decoder projections as they are read.
+    ``quant`` ("int8" / "int4"; ``model/quant.py``) quantizes the decoder projections as they are read,
+    ``quant_embeddings`` the token table and LM head too (int8).
     """
     fmt = detect_format(path)
     if fmt == "orbax":
         stored = orbax_io.load_config(path)
-        cfg = _quantized(stored, quant, group_size, storage.location(path))
+        cfg = _quantized(stored, quant, group_size, quant_embeddings, storage.location(path))
         if quant_enabled(cfg) and not quant_enabled(stored):
             state = quant_load.load_orbax_quantized(path, cfg, mesh=mesh, rules=rules)
         else:
@@ -117,23 +120,24 @@ def load_config_and_state(path, *, dtype: str | None = None, param_dtype: str | 
     source = SafetensorsCheckpoint(path)
     cfg.param_dtype = param_dtype or _stored_dtype(source)
     cfg.dtype = dtype or cfg.param_dtype
-    cfg = _quantized(cfg, quant, group_size, storage.location(path))
+    cfg = _quantized(cfg, quant, group_size, quant_embeddings, storage.location(path))
     layout = "mistral" if fmt == "mistral" else None
     return cfg, hf_import.load_state(source, cfg, layout=layout, mesh=mesh, rules=rules)
 
 
 def from_pretrained(path, *, dtype: str | None = None, param_dtype: str | None = None,
                     mesh: Mesh | None = None, rules=DEFAULT_RULES, quant: str | None = None,
-                    group_size: int = DEFAULT_GROUP_SIZE):
+                    group_size: int = DEFAULT_GROUP_SIZE, quant_embeddings: bool = False):
     """Load an HF directory, a Mistral consolidated directory or an apriel-jax checkpoint.
 
     Returns the model; its config is ``model.config``. With ``mesh``, parameters are read straight
     into their shards. ``quant`` ("int8" or "int4", ``group_size`` for int4) stores the decoder's seven
     projections quantized (``apriel_jax/model/quant.py``), quantizing them one layer at a time as they are
-    read; a checkpoint saved quantized loads quantized whatever ``quant`` says (None or its own mode).
+    read; with ``quant_embeddings`` the token table and the LM head are stored in int8 too. A checkpoint
+    saved quantized loads quantized whatever ``quant`` says (None or its own settings).
     """
     cfg, state = load_config_and_state(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
-                                       quant=quant, group_size=group_size)
+                                       quant=quant, group_size=group_size, quant_embeddings=quant_embeddings)
     return model_from_state(cfg, state)
 
 

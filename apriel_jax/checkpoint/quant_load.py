@@ -1,8 +1,9 @@
-"""Quantize the decoder projections of a full-precision checkpoint while it is read (``model/quant.py``).
+"""Quantize the frozen base of a full-precision checkpoint while it is read (``model/quant.py``).
 
 A stacked projection ([layers, *in, *out]) is built one layer at a time: the layer's tensor is read on the
 host, placed on the devices with the layer's sharding, quantized there and written into the stacked
-quantized arrays (donated, so they are updated in place). Host memory holds one layer's tensor (an HF
+quantized arrays (donated, so they are updated in place). A vocabulary table (``quant.embeddings``) is
+read whole, placed sharded and quantized there. Host memory holds one layer's tensor (an HF
 checkpoint) or one stacked parameter (an orbax one, which restores a parameter whole); device memory
 never holds more than the quantized model plus one full-precision layer. Quantizing on the devices is the
 same ``quantize`` function the model uses, so a checkpoint quantized at load equals the model built from
@@ -20,14 +21,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from apriel_jax.model.quant import is_quantized_leaf, kernel_in_axes, quantize
+from apriel_jax.model.quant import full_precision_path, is_quantized_leaf, is_stacked, kernel_in_axes, quantize, \
+    quantizer, without_quant
 
 
-def _layer_sharding(sharding):
-    """The sharding of one layer of a stacked array (its leading ``layers`` axis dropped)."""
-    if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
-    return sharding
+def _layer_sharding(sharding, mode: str, in_axes: int):
+    """The sharding of one full-precision layer of a stacked projection whose quantized values are sharded
+    like ``sharding``: the leading ``layers`` axis dropped and, for int4 (values stored grouped), the groups
+    axis too (``model/quant.py``: ``values_axes``)."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = list(sharding.spec)[1:]
+    if mode == "int4" and len(spec) >= in_axes:
+        del spec[in_axes - 1]
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1),
@@ -47,7 +54,7 @@ def quantized_stack(read_layer: Callable[[int], np.ndarray], qkernel: jax.ShapeD
     ``read_layer(i)``, sharded like the abstract ``qkernel`` / ``qscale`` say."""
     values = jnp.zeros(qkernel.shape, qkernel.dtype, device=kernel_sharding)
     scales = jnp.zeros(qscale.shape, qscale.dtype, device=scale_sharding)
-    layer_sharding = _layer_sharding(kernel_sharding)
+    layer_sharding = _layer_sharding(kernel_sharding, mode, in_axes)
     for i in range(qkernel.shape[0]):
         host = read_layer(i)
         w = jax.make_array_from_callback(host.shape, layer_sharding, lambda index, host=host: host[index])
@@ -56,6 +63,15 @@ def quantized_stack(read_layer: Callable[[int], np.ndarray], qkernel: jax.ShapeD
             values, scales, w, jnp.int32(i), mode=mode, in_axes=in_axes, group_size=group_size,
             kernel_sharding=kernel_sharding, scale_sharding=scale_sharding))
     return values, scales
+
+
+def quantized_whole(host: np.ndarray, quantized_path: str, quant, kernel_sharding,
+                    scale_sharding) -> tuple[jax.Array, jax.Array]:
+    """(values, scales) of an unstacked weight (a vocabulary table, full precision, our layout) ``host``,
+    placed like its quantized values and quantized on the devices."""
+    w = jax.make_array_from_callback(host.shape, kernel_sharding, lambda index: host[index])
+    fn = jax.jit(quantizer(quantized_path, quant), out_shardings=(kernel_sharding, scale_sharding))
+    return jax.block_until_ready(fn(w))
 
 
 def _nested(flat: dict[str, object]) -> dict:
@@ -72,7 +88,8 @@ def _nested(flat: dict[str, object]) -> dict:
 def load_orbax_quantized(path, cfg, *, mesh=None, rules=None) -> nnx.State:
     """The state of a model with the quantized config ``cfg`` from an apriel-jax model directory that holds
     the full-precision model: every other parameter is restored straight onto its shards, each projection
-    is restored whole to host memory (one at a time) and quantized layer by layer onto the devices."""
+    is restored whole to host memory (one at a time) and quantized layer by layer onto the devices (a
+    vocabulary table whole)."""
     from apriel_jax.checkpoint import orbax_io
     from apriel_jax.model.factory import abstract_model, param_path, state_shardings
     from apriel_jax.parallel.rules import DEFAULT_RULES
@@ -85,14 +102,20 @@ def load_orbax_quantized(path, cfg, *, mesh=None, rules=None) -> nnx.State:
              if not is_quantized_leaf(p)}
     values = _flat(orbax_io.restore_pure(path, _nested(plain)))
     host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    full_shapes = {param_path(p): x.shape for p, x in  # int4 values are stored grouped: not the kernel's shape
+                   jax.tree_util.tree_leaves_with_path(nnx.state(abstract_model(without_quant(cfg))))}
     for qpath in [p for p in flat if p.endswith("/qkernel")]:
-        owner = qpath.removesuffix("/qkernel")
+        owner, source = qpath.removesuffix("/qkernel"), full_precision_path(qpath)
         (qkernel, kernel_sharding), (qscale, scale_sharding) = flat[qpath], flat[f"{owner}/qscale"]
-        stored = jax.ShapeDtypeStruct(qkernel.shape, jnp.dtype(cfg.param_dtype), sharding=host)
-        whole = np.asarray(_flat(orbax_io.restore_pure(path, _nested({f"{owner}/kernel": stored})))[f"{owner}/kernel"])
-        values[qpath], values[f"{owner}/qscale"] = quantized_stack(
-            lambda i, whole=whole: whole[i], qkernel, qscale, kernel_sharding, scale_sharding,
-            mode=cfg.quant.mode, in_axes=kernel_in_axes(qpath), group_size=cfg.quant.group_size)
+        stored = jax.ShapeDtypeStruct(full_shapes[source], jnp.dtype(cfg.param_dtype), sharding=host)
+        whole = np.asarray(_flat(orbax_io.restore_pure(path, _nested({source: stored})))[source])
+        if is_stacked(qpath):
+            values[qpath], values[f"{owner}/qscale"] = quantized_stack(
+                lambda i, whole=whole: whole[i], qkernel, qscale, kernel_sharding, scale_sharding,
+                mode=cfg.quant.mode, in_axes=kernel_in_axes(qpath), group_size=cfg.quant.group_size)
+        else:
+            values[qpath], values[f"{owner}/qscale"] = quantized_whole(whole, qpath, cfg.quant, kernel_sharding,
+                                                                       scale_sharding)
         del whole
     return jax.tree_util.tree_map_with_path(lambda p, _: values[param_path(p)], abstract_state)
 

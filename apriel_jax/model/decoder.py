@@ -1,6 +1,7 @@
 """Mistral-NeMo style decoder: token embedding, stacked pre-norm layers (GQA attention, SiLU-gated MLP),
 final RMSNorm and an untied LM head. With a ``lora`` config the layers' projections carry adapters
-(``model/lora.py``); with a ``quant`` config they are stored quantized (``model/quant.py``)."""
+(``model/lora.py``); with a ``quant`` config they are stored quantized (``model/quant.py``), and with
+``quant.embeddings`` the token table and the LM head too."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from flax import nnx
 from apriel_jax.model.attention import SelfAttention
 from apriel_jax.model.layers import GatedMLP, Linear, RMSNorm, logical_param, normal_init
 from apriel_jax.model.lora import DECODER_TARGETS, add_adapters, dropout_keys
-from apriel_jax.model.quant import quantize_projections
+from apriel_jax.model.quant import Int8Head, QuantizedEmbedding, QuantizedLinear, quantize_embeddings, \
+    quantize_projections
 from apriel_jax.model.rope import text_angles
 from apriel_jax.model.stack import make_stack, scan_stack
 from apriel_jax.parallel.rules import ACTIVATION_AXES, constrain
@@ -84,9 +86,20 @@ class Decoder(nnx.Module):
             else Linear((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), rngs=rngs,
                         param_dtype=param_dtype, dtype=dtype)
         )
+        quantize_embeddings(self, quant)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        if isinstance(self.embed, QuantizedEmbedding):
+            return self.embed(tokens, self.dtype)
         return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+
+    def head(self) -> jax.Array | Int8Head:
+        """The [E, V] output projection (the transposed embedding when tied), or its int8 form."""
+        if self.lm_head is None:
+            return self.embed.as_head() if isinstance(self.embed, QuantizedEmbedding) else self.embed[...].T
+        if isinstance(self.lm_head, QuantizedLinear):
+            return Int8Head(self.lm_head.qkernel[...], self.lm_head.qscale[...])
+        return self.lm_head.kernel[...]
 
     def __call__(self, x, positions, segment_ids, kv_cache: KVCache | None = None, dropout_key=None):
         """Run the layers and the final norm on embeddings x [B, S, E]. Returns (hidden, new cache).
@@ -116,7 +129,9 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project hidden states to vocabulary logits (fp32). Training uses a chunked loss instead."""
+        head = self.head()
+        if isinstance(head, Int8Head):
+            return head.logits(hidden, self.dtype)
         if self.lm_head is None:
-            kernel = self.embed[...].astype(self.dtype).T
-            return jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
+            return jnp.dot(hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)

@@ -96,27 +96,28 @@ def merged_model(model: AprielModel) -> AprielModel:
     return model_from_state(cfg, state)
 
 
-def quantized_model(model: AprielModel, mode: str, group_size: int = 128) -> AprielModel:
-    """``model`` with its decoder projections quantized (``model/quant.py``), its other parameters (LoRA
-    adapters included) shared. Quantizes arrays already in memory, so the full-precision model must fit:
-    for a large checkpoint use ``from_pretrained(path, quant=...)``, which quantizes layer by layer as it reads."""
-    from apriel_jax.model.quant import DECODER_PROJECTIONS, kernel_in_axes, quantize, with_quant
+def quantized_model(model: AprielModel, mode: str, group_size: int = 128, embeddings: bool = False) -> AprielModel:
+    """``model`` with its decoder projections quantized (``model/quant.py``; with ``embeddings`` its token table
+    and LM head in int8 too), its other parameters (LoRA adapters included) shared. Quantizes arrays already
+    in memory, so the full-precision model must fit: for a large checkpoint use ``from_pretrained(path,
+    quant=...)``, which quantizes layer by layer as it reads."""
+    from apriel_jax.model.quant import full_precision_path, is_quantized_leaf, is_stacked, quantizer, with_quant
 
     cfg = model.config.as_configdict()
     if cfg.get("quant") is not None and cfg.quant.mode != "none":
         raise ValueError(f"the model is already quantized ({cfg.quant.mode})")
-    cfg = with_quant(cfg, mode, group_size)
-    abstract = {param_path(p): v for p, v in nnx.to_flat_state(nnx.state(abstract_model(cfg)))}
+    cfg = with_quant(cfg, mode, group_size, embeddings)
+    weights = {param_path(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+    quantized = {}  # full-precision path -> (values, scales)
     flat = []
-    for path, var in nnx.to_flat_state(nnx.state(model)):
+    for path, abstract in nnx.to_flat_state(nnx.state(abstract_model(cfg))):
         name = param_path(path)
-        parent = tuple(name.split("/")[-3:-1])
-        if not (name.startswith("decoder/layers/") and name.endswith("/kernel") and parent in DECODER_PROJECTIONS.values()):
-            flat.append((path, var))
+        if not is_quantized_leaf(name):
+            flat.append((path, weights[name]))
             continue
-        in_axes = kernel_in_axes(name)
-        q, s = jax.vmap(lambda w: quantize(w, in_axes, mode, group_size))(var[...])  # over the stacked layers
-        owner = path[:-1]
-        for leaf, value in (("qkernel", q), ("qscale", s)):
-            flat.append(((*owner, leaf), abstract[f"{name.removesuffix('/kernel')}/{leaf}"].replace(value)))
+        source = full_precision_path(name)
+        if source not in quantized:
+            fn = quantizer(name, cfg.quant)
+            quantized[source] = (jax.vmap(fn) if is_stacked(name) else fn)(weights[source][...])
+        flat.append((path, abstract.replace(quantized[source][name.endswith("/qscale")])))
     return model_from_state(cfg, nnx.from_flat_state(flat))

@@ -166,8 +166,8 @@ class QuantizedLoRALinear(Adapter, QuantizedLinear):
         self.in_axes, self.dtype, self.param_dtype = base.in_axes, base.dtype, base.param_dtype
         self.mode, self.group_size = base.mode, base.group_size
         self.qkernel, self.qscale, self.bias = base.qkernel, base.qscale, base.bias
-        axes = tuple(base.qkernel.get_metadata()["out_sharding"])
-        self._init_adapter(base.kernel_shape, axes, base.param_dtype, rank, alpha, dropout, rngs)
+        self.kernel_shape, self.kernel_axes = base.kernel_shape, base.kernel_axes
+        self._init_adapter(base.kernel_shape, base.kernel_axes, base.param_dtype, rank, alpha, dropout, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self._add_update(x, QuantizedLinear.__call__(self, x))

@@ -1,14 +1,20 @@
-"""Weight-only quantization of the frozen decoder projections: int8 per output channel, int4 per group.
+"""Weight-only quantization of the frozen base: the decoder projections in int8 per output channel or int4
+per group, optionally the token embedding and the LM head in int8 per vocabulary row.
 
 For the one-chip tier (LoRA fine-tuning of the 15B on a 16 GB v5e with an int4 base, on a 32 GB v6e with
 an int8 one) the frozen base must shrink. What is quantized, and why:
 
 - **The decoder's seven projections** (q/k/v/o, gate/up/down) in every layer: 12.9B of the 15B
   parameters. They are the bulk of the bytes, and a LoRA stage never trains them.
-- **Not** the token embedding and the LM head (2 x 0.67B parameters, 1.34 GB each in bf16): the loss and
-  every greedy decision read the LM head directly, with no later layer to absorb its rounding, and the
-  embedding is a gather (nothing to fuse a dequantization into). Not the norms (tiny, gains), the vision
-  tower (0.4B) nor the projector (0.03B): small, and adapters may target the projector in its own dtype.
+- **The token embedding and the LM head, only with** ``quant.embeddings`` (2 x 0.67B parameters, 1.34 GB
+  each in bf16): always int8 with one fp32 scale per vocabulary row, whatever the projections' mode. Off
+  by default: the loss and every greedy decision read the LM head directly, with no later layer to absorb
+  its rounding; int4 there would cost more than the 0.67 GB it saves over int8. On for the 16 GB v5e
+  config, where those 1.34 GB decide the fit. The embedding is a gather of int8 rows scaled after the
+  gather; the LM head's int8 values are converted chunk by chunk inside the chunked loss (train/loss.py),
+  so no bf16 copy of either table exists.
+- Not the norms (tiny gains), the vision tower (0.4B) nor the projector (0.03B): small, and adapters may
+  target the projector in its own dtype.
 
 Formats (symmetric, no zero point; the values are exact in bf16, so the dot runs on the MXU in bf16):
 
@@ -16,26 +22,32 @@ Formats (symmetric, no zero point; the values are exact in bf16, so the dot runs
   scale is applied to the dot's output: ``y = (x @ q) * s``. Scales are fp32: there are only ~2M of them
   in the 15B (8 MB), and bf16's 2^-9 rounding would add a per-channel gain error comparable to int8's step.
 - ``int4``: ``W ~ q * s[group, out]`` with groups of ``group_size`` along the (last) input axis, q in
-  [-7, 7] stored as ``jnp.int4`` (half a byte on TPU), one bf16 scale per group and output (absmax / 7).
+  [-7, 7] stored as ``jnp.int4`` (half a byte on TPU) in the grouped shape (that axis split into groups x
+  group size: [5120, 14336] is stored [40, 128, 14336]), one bf16 scale per group and output (absmax / 7).
   bf16 here: the scales are 1/128 of the weights (0.2 GB in the 15B; fp32 would double it) and their
   rounding is small beside int4's own step of 1/14 of the group's range. The weight is dequantized in
-  the dot's operand (convert x scale, per group) and multiplied in the compute dtype.
+  the dot's operand (convert x scale, per group) and multiplied in the compute dtype; the dot contracts
+  the grouped axes directly. Stored flat, the values would have to be regrouped inside the step, and
+  XLA:TPU then materialises the broadcast scales as a weight-sized bf16 array per projection (147 MB per
+  15B MLP kernel, temporaries measured on the compiled v5e step) instead of fusing them into the dot.
 
 Quantized leaves (``qkernel``, ``qscale``) are ``QuantizedWeight`` variables, not ``nnx.Param``: the
 trainable filters select Params only, so they can never get gradients or optimizer moments, and the
 matmul's custom VJP differentiates with respect to the input alone (its residuals are the quantized
 values themselves, never a dequantized copy of the weight). They carry the weight's logical axes
-(``embed``, ``mlp``, ...; int4 scales none on their group axis, see ``scale_axes``) and are stacked over
-``layers`` like every decoder weight, so they shard as the bf16 weights would.
+(``embed``, ``mlp``, ...; none on an int4 groups axis, see ``values_axes`` and ``scale_axes``) and are
+stacked over ``layers`` like every decoder weight, so they shard as the bf16 weights would.
 
 The model config's ``quant`` block turns this on; a config without one (or with mode ``none``) builds the
-plain model, so every existing config and checkpoint is unchanged.
+plain model, so every existing config and checkpoint is unchanged (a saved block without ``embeddings``
+means False).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +66,8 @@ DECODER_PROJECTIONS = {
     "gate_proj": ("mlp", "gate"), "up_proj": ("mlp", "up"), "down_proj": ("mlp", "down"),
 }
 QUANTIZED_LEAVES = ("qkernel", "qscale")
+# The vocabulary tables ``quant.embeddings`` stores in int8: (owner path, path of the full-precision weight).
+EMBEDDING_TABLES = {"decoder/embed": "decoder/embed", "decoder/lm_head": "decoder/lm_head/kernel"}
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -61,7 +75,7 @@ QUANTIZED_LEAVES = ("qkernel", "qscale")
 
 def quant_config(**overrides) -> ml_collections.ConfigDict:
     """Quantization settings: mode ``none`` means the plain model."""
-    cfg = ml_collections.ConfigDict(dict(mode="none", group_size=DEFAULT_GROUP_SIZE))
+    cfg = ml_collections.ConfigDict(dict(mode="none", group_size=DEFAULT_GROUP_SIZE, embeddings=False))
     cfg.update(overrides)
     return cfg
 
@@ -72,11 +86,17 @@ def enabled(model_cfg) -> bool:
     return bool(quant is not None and quant.mode != "none")
 
 
-def with_quant(model_cfg, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> ml_collections.ConfigDict:
+def embeddings_enabled(model_cfg) -> bool:
+    """Whether a model config stores its embedding and LM head in int8 (older saved blocks lack the key)."""
+    return enabled(model_cfg) and bool(model_cfg.quant.get("embeddings", False))
+
+
+def with_quant(model_cfg, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
+               embeddings: bool = False) -> ml_collections.ConfigDict:
     """A copy of ``model_cfg`` carrying a ``quant`` block (mode ``none`` drops it)."""
     cfg = without_quant(model_cfg)
     if mode != "none":
-        cfg.quant = quant_config(mode=mode, group_size=int(group_size))
+        cfg.quant = quant_config(mode=mode, group_size=int(group_size), embeddings=bool(embeddings))
     return cfg
 
 
@@ -94,6 +114,8 @@ def settings_problems(quant, where: str = "quant") -> list[str]:
         problems.append(f"{where}.mode={quant.mode!r} is not one of {MODES}")
     if not isinstance(quant.group_size, int) or quant.group_size < 1:
         problems.append(f"{where}.group_size={quant.group_size!r} must be a positive integer")
+    if not isinstance(quant.get("embeddings", False), bool):
+        problems.append(f"{where}.embeddings={quant.embeddings!r} must be True or False")
     return problems
 
 
@@ -144,8 +166,9 @@ def _grouped(shape, in_axes: int, groups: int) -> tuple[int, ...]:
 def quantize(w: jax.Array, in_axes: int, mode: str, group_size: int = DEFAULT_GROUP_SIZE):
     """(values, scales) of one layer's kernel ``w`` [*in, *out] (computed in fp32).
 
-    int8: values int8 like ``w``, scales fp32 [*out]. int4: values int4 like ``w``, scales bf16 like ``w``
-    with the last input axis divided by ``group_size``. An all-zero channel or group gets scale 1.
+    int8: values int8 like ``w``, scales fp32 [*out]. int4: values int4 shaped like ``w`` with its last input
+    axis split into (groups, ``group_size``), scales bf16 like ``w`` with that axis divided by
+    ``group_size``. An all-zero channel or group gets scale 1.
     """
     w = w.astype(jnp.float32)
     n = in_axes
@@ -164,7 +187,7 @@ def quantize(w: jax.Array, in_axes: int, mode: str, group_size: int = DEFAULT_GR
         # for the scale the model multiplies by (bf16 rounding keeps absmax / s below 7.5).
         scale = jnp.where(absmax > 0, absmax / INT4_MAX, 1.0).astype(jnp.bfloat16)
         q = jnp.clip(jnp.round(g / jnp.expand_dims(scale.astype(jnp.float32), n)), -INT4_MAX, INT4_MAX)
-        return q.astype(jnp.int4).reshape(w.shape), scale
+        return q.astype(jnp.int4), scale
     raise ValueError(f"unknown quantization mode {mode!r}; modes are {MODES[1:]}")
 
 
@@ -176,9 +199,32 @@ def dequantize(q: jax.Array, scale: jax.Array, in_axes: int, mode: str, dtype=jn
 
 
 def _int4_weight(q, scale, in_axes, dtype):
+    return _grouped_int4(q, scale, in_axes, dtype).reshape(ungrouped_shape(q.shape, in_axes))
+
+
+def ungrouped_shape(shape, in_axes: int) -> tuple[int, ...]:
+    """The kernel shape [*in, *out] behind a grouped int4 values shape (its groups axis merged back)."""
     n = in_axes
-    g = q.astype(dtype).reshape(_grouped(q.shape, n, scale.shape[n - 1]))
-    return (g * jnp.expand_dims(scale.astype(dtype), n)).reshape(q.shape)
+    return (*shape[:n - 1], shape[n - 1] * shape[n], *shape[n + 1:])
+
+
+def _grouped_int4(q, scale, in_axes, dtype):
+    """The int4 weight in ``dtype``, grouped as stored: values converted and multiplied by their scales."""
+    return q.astype(dtype) * jnp.expand_dims(scale.astype(dtype), in_axes)
+
+
+def _split_groups(x, groups):
+    """x [..., in] -> [..., groups, in / groups]: the input split like an int4 weight's last input axis."""
+    return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+
+
+def values_axes(axes, in_axes: int, mode: str) -> tuple:
+    """Logical axes of the quantized values: the weight's; for int4 (stored grouped) its last input axis
+    split into a groups axis on no mesh axis (None, as for the scales) and the within-group axis, which
+    keeps the weight's mesh axis (a group of 128 splits over up to 128 devices)."""
+    if mode == "int8":
+        return tuple(axes)
+    return (*axes[:in_axes - 1], None, *axes[in_axes - 1:])
 
 
 def scale_axes(axes, in_axes: int, mode: str) -> tuple:
@@ -207,6 +253,22 @@ def _dot_t(g, w, in_axes):
     return jax.lax.dot_general(g, w, (contract, ((), ())))
 
 
+def _weight_first_dot_t(g, w, in_axes):
+    """``_dot_t`` with the weight as the dot's first operand, then the result's axes moved back.
+
+    The same numbers, for the int4 kernels with one output axis (o, gate, up, down). As the second operand
+    of the transposed dot, XLA:TPU materialised one layer's dequantized gate/up/down weights in bf16 in the
+    15B step's backward pass (147 MB each); as the first operand the convert and scale fuse into the dot as
+    in the forward pass. Not for q/k/v ([groups, group, heads, head_dim]): there XLA then copied the whole
+    stacked int4 kernels into another layout (0.7 GB on v5e), more than their per-layer bf16 weights cost
+    (42 / 10 / 10 MB). Measured with ``benchmarks/quant_aot.py`` and the v5e buffer assignment."""
+    out_axes = w.ndim - in_axes
+    batch = g.ndim - out_axes
+    contract = (tuple(range(in_axes, w.ndim)), tuple(range(batch, g.ndim)))
+    y = jax.lax.dot_general(w, g, (contract, ((), ())))  # [*in, *batch]
+    return jnp.moveaxis(y, tuple(range(in_axes, in_axes + batch)), tuple(range(batch)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def quantized_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str, in_axes: int) -> jax.Array:
     """x @ W for W = (q, scale), in x's dtype, differentiable in x only.
@@ -215,7 +277,8 @@ def quantized_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str, in
     scales applied to the converted values in the dot's operand."""
     if mode == "int8":
         return _dot(x, q.astype(x.dtype), in_axes) * scale.astype(x.dtype)
-    return _dot(x, _int4_weight(q, scale, in_axes, x.dtype), in_axes)
+    groups = scale.shape[in_axes - 1]
+    return _dot(_split_groups(x, groups), _grouped_int4(q, scale, in_axes, x.dtype), in_axes + 1)
 
 
 def _matmul_fwd(x, q, scale, mode, in_axes):
@@ -227,8 +290,11 @@ def _matmul_bwd(mode, in_axes, residuals, g):
     q, scale = residuals
     if mode == "int8":
         dx = _dot_t(g * scale.astype(g.dtype), q.astype(g.dtype), in_axes)
-    else:
-        dx = _dot_t(g, _int4_weight(q, scale, in_axes, g.dtype), in_axes)
+    else:  # [..., *in with the last one grouped], then the input's own shape
+        w = _grouped_int4(q, scale, in_axes, g.dtype)
+        dot_t = _weight_first_dot_t if w.ndim - (in_axes + 1) == 1 else _dot_t
+        dx = dot_t(g, w, in_axes + 1)
+        dx = dx.reshape(*dx.shape[:-(in_axes + 1)], *ungrouped_shape(q.shape, in_axes)[:in_axes])
     return dx, None, None
 
 
@@ -242,21 +308,57 @@ class QuantizedLinear(nnx.Module):
         self.in_axes, self.dtype = base.in_axes, base.dtype
         self.mode, self.group_size = mode, int(group_size)
         self.param_dtype = base.kernel.dtype  # of the bias and of adapters added on top
-        axes = tuple(base.kernel.get_metadata()["out_sharding"])
+        # The full-precision kernel's shape and logical axes (static metadata): what adapters are built for.
+        self.kernel_shape = tuple(base.kernel.shape)
+        self.kernel_axes = axes = tuple(base.kernel.get_metadata()["out_sharding"])
         q, scale = quantize(base.kernel[...], base.in_axes, mode, group_size)
-        self.qkernel = _variable(q, axes)
+        self.qkernel = _variable(q, values_axes(axes, base.in_axes, mode))
         self.qscale = _variable(scale, scale_axes(axes, base.in_axes, mode))
         self.bias = base.bias
-
-    @property
-    def kernel_shape(self) -> tuple[int, ...]:
-        return tuple(self.qkernel.shape)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = quantized_matmul(x.astype(self.dtype), self.qkernel[...], self.qscale[...], self.mode, self.in_axes)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+class QuantizedEmbedding(nnx.Module):
+    """A [vocab, embed] token table stored in int8 with one fp32 scale per row (``quant.embeddings``): a
+    lookup gathers int8 rows and scales them, so the table is never converted whole."""
+
+    def __init__(self, table: nnx.Param):
+        axes = tuple(table.get_metadata()["out_sharding"])
+        q, scale = quantize_embedding(table[...])
+        self.qkernel = _variable(q, axes)
+        self.qscale = _variable(scale, axes[:1])
+
+    def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+        rows = jnp.take(self.qkernel[...], tokens, axis=0).astype(dtype)
+        return rows * jnp.take(self.qscale[...], tokens, axis=0)[..., None].astype(dtype)
+
+    def as_head(self) -> "Int8Head":
+        """The transposed table as an LM head (tied embeddings): the row scales are per-vocabulary scales."""
+        return Int8Head(self.qkernel[...].T, self.qscale[...])
+
+
+class Int8Head(NamedTuple):
+    """An int8 LM head for the chunked loss and for logits: ``logits = (h @ values) * scales``."""
+
+    values: jax.Array  # int8 [embed, vocab]
+    scales: jax.Array  # fp32 [vocab]
+
+    def logits(self, h: jax.Array, compute_dtype) -> jax.Array:
+        """fp32 logits of ``h`` [..., embed]; the int8 values are converted in the dot's operand."""
+        y = jnp.einsum("...e,ev->...v", h.astype(compute_dtype), self.values.astype(compute_dtype),
+                       preferred_element_type=jnp.float32)
+        return y * self.scales.astype(jnp.float32)
+
+
+def quantize_embedding(table: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(int8 values [vocab, embed], fp32 scales [vocab]) of a token table: int8 per row."""
+    q, scale = quantize(table.T, 1, "int8")
+    return q.T, scale
 
 
 def quantize_projections(module: nnx.Module, quant) -> None:
@@ -267,6 +369,39 @@ def quantize_projections(module: nnx.Module, quant) -> None:
     for parent_name, attr in DECODER_PROJECTIONS.values():
         parent = getattr(module, parent_name)
         setattr(parent, attr, QuantizedLinear(getattr(parent, attr), quant.mode, quant.group_size))
+
+
+def quantize_embeddings(decoder: nnx.Module, quant) -> None:
+    """With ``quant.embeddings``: the decoder's token table and its (untied) LM head in int8."""
+    if quant is None or quant.mode == "none" or not quant.get("embeddings", False):
+        return
+    decoder.embed = QuantizedEmbedding(decoder.embed)
+    if decoder.lm_head is not None:
+        decoder.lm_head = QuantizedLinear(decoder.lm_head, "int8")
+
+
+def full_precision_path(quantized_path: str) -> str:
+    """The path of the full-precision weight a quantized leaf (``.../qkernel`` or ``.../qscale``) stands for:
+    ``decoder/embed`` for the token table, ``OWNER/kernel`` for every projection."""
+    owner = quantized_path.rsplit("/", 1)[0]
+    return EMBEDDING_TABLES.get(owner, f"{owner}/kernel")
+
+
+def quantizer(quantized_path: str, quant) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+    """``w -> (values, scales)`` for the full-precision weight behind ``quantized_path`` (one layer of a
+    stacked projection, or a whole vocabulary table), as the model quantizes it."""
+    owner = quantized_path.rsplit("/", 1)[0]
+    if owner == "decoder/embed":
+        return quantize_embedding
+    if owner == "decoder/lm_head":
+        return lambda w: quantize(w, 1, "int8")
+    return functools.partial(quantize, in_axes=kernel_in_axes(quantized_path), mode=quant.mode,
+                             group_size=quant.group_size)
+
+
+def is_stacked(path: str) -> bool:
+    """Whether a parameter path is stacked over the decoder layers (a leading ``layers`` axis)."""
+    return path.startswith("decoder/layers/")
 
 
 def is_quantized_leaf(path: str) -> bool:

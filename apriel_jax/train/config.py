@@ -34,7 +34,7 @@ import ml_collections
 
 from apriel_jax.model import get_preset
 from apriel_jax.model.lora import lora_config, settings_problems
-from apriel_jax.model.quant import DECODER_PROJECTIONS, QUANTIZED_LEAVES, quant_config
+from apriel_jax.model.quant import DECODER_PROJECTIONS, EMBEDDING_TABLES, QUANTIZED_LEAVES, quant_config
 from apriel_jax.model.quant import enabled as quant_enabled
 from apriel_jax.model.quant import settings_problems as quant_settings_problems
 
@@ -115,8 +115,9 @@ def train_config() -> ml_collections.ConfigDict:
     # get gradients and optimizer state, every base weight stays frozen.
     cfg.lora = lora_config()
     # A quantized frozen base (apriel_jax/model/quant.py): mode "int8" | "int4" stores the decoder's seven
-    # projections quantized (the pretrained ones quantized as they are read); they never train, so it goes
-    # with LoRA (lora.rank > 0) or with `trainable` parts that leave the decoder layers out.
+    # projections quantized (the pretrained ones quantized as they are read), embeddings=True the token
+    # embedding and LM head in int8 too; they never train, so it goes with LoRA (lora.rank > 0) or with
+    # `trainable` parts that leave the quantized ones out.
     cfg.quant = quant_config()
     cfg.steps = 100
     cfg.grad_accum_steps = 1
@@ -220,12 +221,15 @@ def _quant_problems(cfg) -> list[str]:
         return problems
     from apriel_jax.train.optimizer import quantized_trained, trainable_for_step
 
-    names = [f"decoder/layers/{a}/{b}/{leaf}" for a, b in DECODER_PROJECTIONS.values() for leaf in QUANTIZED_LEAVES]
+    owners = [f"decoder/layers/{a}/{b}" for a, b in DECODER_PROJECTIONS.values()]
+    if quant.get("embeddings", False):
+        owners += list(EMBEDDING_TABLES)
+    names = [f"{owner}/{leaf}" for owner in owners for leaf in QUANTIZED_LEAVES]
     trained = quantized_trained(names, trainable_for_step(cfg.trainable, cfg.data.patch_budget))
     if trained:
-        problems.append(f"quant.mode={quant.mode!r} freezes the decoder projections, but trainable={tuple(cfg.trainable)} "
+        problems.append(f"quant.mode={quant.mode!r} freezes the quantized weights, but trainable={tuple(cfg.trainable)} "
                         f"trains them (e.g. {trained[0]}) and lora.rank is 0: train LoRA adapters on the quantized "
-                        "base (lora.rank > 0), leave the decoder layers out of trainable, or set quant.mode='none'")
+                        "base (lora.rank > 0), leave the quantized parts out of trainable, or set quant.mode='none'")
     return problems
 
 

@@ -70,7 +70,7 @@ from apriel_jax.train.flops import train_step_flops
 from apriel_jax.train.loss import chunked_cross_entropy
 from apriel_jax.train.metrics import MetricsWriter, mfu, progress_line
 from apriel_jax.train.optimizer import cosine, linear_decay, make_optimizer, trainable_for_step
-from apriel_jax.train.step import init_train_state, lm_kernel, make_train_step
+from apriel_jax.train.step import init_train_state, make_train_step
 from apriel_jax.utils import compile_cache
 from apriel_jax.utils.config_cli import config_to_json
 
@@ -97,7 +97,8 @@ def _check_batch(cfg, mesh) -> None:
 def run_model_config(cfg):
     """The model config a run trains: ``cfg.model`` with the run's quantized base and LoRA adapters (when
     ``quant.mode`` / ``lora.rank`` ask for them)."""
-    model_cfg = with_quant(cfg.model, cfg.quant.mode, cfg.quant.group_size) if quant_enabled(cfg) else cfg.model
+    model_cfg = (with_quant(cfg.model, cfg.quant.mode, cfg.quant.group_size, cfg.quant.get("embeddings", False))
+                 if quant_enabled(cfg) else cfg.model)
     return with_lora(model_cfg, cfg.lora) if cfg.lora.rank else model_cfg
 
 
@@ -121,7 +122,8 @@ def _model(cfg, mesh):
         from apriel_jax.checkpoint.pretrained import from_pretrained
 
         # A quantized base is quantized as it is read (model/quant.py).
-        quant = dict(quant=cfg.quant.mode, group_size=cfg.quant.group_size) if quant_enabled(cfg) else {}
+        quant = (dict(quant=cfg.quant.mode, group_size=cfg.quant.group_size,
+                      quant_embeddings=cfg.quant.get("embeddings", False)) if quant_enabled(cfg) else {})
         model = merged_model(from_pretrained(cfg.init.from_pretrained, mesh=mesh, **quant,
                                              param_dtype=cfg.init.param_dtype or None, dtype=cfg.init.dtype or None))
         if cfg.lora.rank:
@@ -203,7 +205,7 @@ def make_eval_step(run):
     def eval_step(params, frozen, batch):
         model = nnx.merge(graphdef, params, frozen)
         hidden, _ = model.hidden_states(batch)
-        loss, count, _ = chunked_cross_entropy(hidden, lm_kernel(model), batch["targets"], batch["loss_mask"],
+        loss, count, _ = chunked_cross_entropy(hidden, model.decoder.head(), batch["targets"], batch["loss_mask"],
                                                chunk_size=1024, compute_dtype=compute)
         return loss, count
 

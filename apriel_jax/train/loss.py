@@ -11,6 +11,11 @@ backward pass), and its gradient is accumulated per device over all chunks and r
 once, in the reduction dtype. Per chunk, that saves a gather of the whole head in each pass and an fp32
 reduce-scatter of its gradient (on the 12B reference step, 19 GB of collectives per step).
 
+An int8 head (``model/quant.py``: ``Int8Head``, a quantized base with ``quant.embeddings``) is gathered in
+int8 and converted chunk by chunk inside the logits' dot, so no compute-dtype copy of the whole head
+exists; its per-vocabulary scales multiply the fp32 logits (and d(logits) before the backward dot). It is
+frozen: its gradient is never formed.
+
 The function returns *sums*, not means: the training step divides by the number of counted tokens over
 the whole global batch (all packed documents and all gradient-accumulation micro-batches), which makes
 accumulating N micro-batches exactly equal to one N-times-larger batch.
@@ -23,6 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from apriel_jax.model.quant import Int8Head
 from apriel_jax.parallel.rules import active_rules, batch_degree, constrain
 
 
@@ -39,13 +45,19 @@ def _row_groups(rows: int) -> int:
 def _gathered_kernel(kernel, compute_dtype):
     """The LM head in the compute dtype, whole along the embedding axis on every device (only the
     vocabulary stays split over the tensor axis): cast first so the all-gather moves compute-dtype bytes,
-    and done once, outside the chunk loop, so the loop body gathers nothing."""
+    and done once, outside the chunk loop, so the loop body gathers nothing. An int8 head is gathered as
+    it is (half the bytes) and converted per chunk."""
+    if isinstance(kernel, Int8Head):
+        return Int8Head(constrain(kernel.values, (None, "vocab")), constrain(kernel.scales, ("vocab",)))
     return constrain(kernel.astype(compute_dtype), (None, "vocab"))
 
 
 def _logits(h, kernel, compute_dtype):
     """[G, b, chunk, E] x [E, V] -> fp32 [G, b, chunk, V]; G = the devices the rows are split over."""
-    logits = jnp.einsum("gbce,ev->gbcv", h.astype(compute_dtype), kernel, preferred_element_type=jnp.float32)
+    if isinstance(kernel, Int8Head):
+        logits = kernel.logits(h, compute_dtype)
+    else:
+        logits = jnp.einsum("gbce,ev->gbcv", h.astype(compute_dtype), kernel, preferred_element_type=jnp.float32)
     # Rows stay on their batch shards and the vocabulary on the tensor axis: without this hint XLA may
     # gather a whole-batch chunk of logits onto every device.
     return constrain(logits, ("batch", None, None, "vocab"))
@@ -103,6 +115,7 @@ def _summed_losses_bwd(chunk, compute_dtype, reduce_dtype, residuals, cotangents
     The LM head's gradient is summed over the chunks per row group, i.e. on each device without any
     communication, and reduced across devices once at the end, both in ``reduce_dtype``."""
     hidden, kernel, whole, targets, mask, lse = residuals
+    quantized = isinstance(kernel, Int8Head)
     g_loss, g_z = cotangents
     groups = _row_groups(targets.shape[0])
     hs, ts, ms = _chunked(hidden, targets, mask, chunk, groups)
@@ -114,6 +127,10 @@ def _summed_losses_bwd(chunk, compute_dtype, reduce_dtype, residuals, cotangents
         probs = jnp.exp(logits - chunk_lse[..., None])
         weight = (m * g_loss)[..., None]
         d_logits = weight * (probs - _is_target(t, logits.shape[-1])) + (2.0 * g_z * m * chunk_lse)[..., None] * probs
+        if quantized:  # d(h) = (d_logits * scales) @ values^T; the frozen head gets no gradient
+            d_h = jnp.einsum("gbcv,ev->gbce", (d_logits * whole.scales).astype(compute_dtype),
+                             whole.values.astype(compute_dtype), preferred_element_type=jnp.float32)
+            return d_partial, d_h.astype(hidden.dtype)
         d_logits = d_logits.astype(compute_dtype)
         d_h = jnp.einsum("gbcv,ev->gbce", d_logits, whole, preferred_element_type=jnp.float32)
         contribution = jnp.einsum("gbce,gbcv->gev", h, d_logits, preferred_element_type=jnp.float32)
@@ -123,14 +140,16 @@ def _summed_losses_bwd(chunk, compute_dtype, reduce_dtype, residuals, cotangents
     # The per-device sum is a whole [E, V / tensor] head: kept in the reduction dtype, it costs 1.3 GB
     # in bf16 for a 12B model rather than 2.7 GB in fp32, at the price of one bf16 rounding per chunk
     # (the cross-device sum is in that dtype anyway).
-    e, v = kernel.shape
+    e, v = (1, 1) if quantized else kernel.shape
     d_partial = constrain(jnp.zeros((groups, e, v), reduce_dtype), ("batch", None, "vocab"))
     d_partial, d_hs = jax.lax.scan(step, d_partial, (hs, ts, ms, lse))
+    b, s, width = hidden.shape
+    d_hidden = jnp.moveaxis(d_hs, 0, 2).reshape(b, s, width)
+    if quantized:
+        return d_hidden, None, None, None
     # The one cross-device reduction of the head's gradient: the sum over row groups, landing in the
     # parameter's own (embed, vocab) sharding.
     d_kernel = constrain(jnp.sum(d_partial, axis=0, dtype=reduce_dtype), ("embed", "vocab"))
-    b, s, width = hidden.shape
-    d_hidden = jnp.moveaxis(d_hs, 0, 2).reshape(b, s, width)
     return d_hidden, d_kernel.astype(kernel.dtype), None, None
 
 
@@ -139,7 +158,8 @@ _summed_losses.defvjp(_summed_losses_fwd, _summed_losses_bwd)
 
 def chunked_cross_entropy(hidden, lm_kernel, targets, loss_mask, *, chunk_size: int,
                           z_loss_weight: float = 0.0, compute_dtype=jnp.float32, grad_reduce_dtype=None):
-    """Summed next-token cross-entropy of ``hidden`` [B, S, E] projected by ``lm_kernel`` [E, V].
+    """Summed next-token cross-entropy of ``hidden`` [B, S, E] projected by ``lm_kernel`` [E, V] (an array,
+    or a frozen ``Int8Head``).
 
     Returns ``(loss_sum, token_count, z_loss_sum)``, all fp32 scalars: ``loss_sum`` is the sum of
     ``-log p(target)`` over tokens where ``loss_mask`` is non-zero (weighted by it), ``token_count`` is

@@ -28,7 +28,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "vision": ("vision/*",),
     "projector": ("projector/*",),
     "decoder": ("decoder/layers/*", "decoder/norm/*"),
-    "embeddings": ("decoder/embed", "decoder/lm_head/*"),
+    "embeddings": ("decoder/embed", "decoder/embed/*", "decoder/lm_head/*"),  # embed/*: stored int8 (model/quant.py)
     "lora": ("*/lora_a", "*/lora_b"),  # LoRA adapters (model/lora.py)
 }
 

@@ -40,14 +40,6 @@ def single_device_mesh() -> Mesh:
     return make_mesh({"data": 1}, devices=jax.devices()[:1])
 
 
-def lm_kernel(model) -> jax.Array:
-    """The [E, V] output projection (the transposed embedding when tied)."""
-    decoder = model.decoder
-    if decoder.lm_head is None:
-        return decoder.embed[...].T
-    return decoder.lm_head.kernel[...]
-
-
 def _opt_state_shardings(abstract_opt_state, params_shardings, replicated):
     """Moments are shaped like the parameters and sharded like them; counters are replicated."""
     params_def = jax.tree.structure(params_shardings)
@@ -131,7 +123,7 @@ def make_train_step(cfg, graphdef, optimizer: Optimizer, mesh: Mesh | None = Non
         model = nnx.merge(graphdef, params, frozen)
         hidden, _ = model.hidden_states(micro, dropout_key=dropout_key)
         loss_sum, count, z_sum = chunked_cross_entropy(
-            hidden, lm_kernel(model), micro["targets"], micro["loss_mask"], chunk_size=chunk_size,
+            hidden, model.decoder.head(), micro["targets"], micro["loss_mask"], chunk_size=chunk_size,
             z_loss_weight=z_loss_weight, compute_dtype=compute_dtype, grad_reduce_dtype=lm_head_grad_dtype,
         )
         return (loss_sum + z_sum) / total_tokens, jnp.stack([loss_sum, count, z_sum])
