@@ -91,7 +91,8 @@ def load_state(source: SafetensorsCheckpoint, cfg, *, layout: str | None = None,
                rules=DEFAULT_RULES) -> nnx.State:
     """Parameters of a model with config ``cfg`` read from ``source``, sharded over ``mesh`` if given
     (otherwise on the default device), stored in ``cfg.param_dtype``. A config with a ``quant`` block gets
-    its decoder projections quantized as they are read (``checkpoint/quant_load.py``)."""
+    its decoder projections (and with ``quant.embeddings`` its vocabulary tables) quantized as they are
+    read (``checkpoint/quant_load.py``)."""
     plain = without_quant(cfg) if quant_enabled(cfg) else cfg  # the checkpoint holds the full-precision model
     layout = check_checkpoint(source, plain, layout)
     maps = {m.path: m for m in key_map(plain, layout)}
