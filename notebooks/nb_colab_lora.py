@@ -95,10 +95,12 @@ print("answer:", reply.answer)"""),
         md("""\
 ## Fine-tune LoRA adapters
 
-The run config is `apriel-jax train`'s. `lora.rank > 0` adds adapters (A random, B zero: the model starts
-exactly where the base is) to the seven projections of every decoder layer; only they get gradients and
-Adam moments: the quantized weights are a separate variable type that no optimizer sees. The run
-checkpoints, and rerunning the cell resumes from its latest checkpoint."""),
+The run config is `apriel-jax train`'s; its `model` block decides how the checkpoint's model is computed
+(for the real model: full remat, the Pallas attention kernel and, with int4, one saved residual stream per
+4 layers). `lora.rank > 0` adds adapters (A random, B zero: the model starts exactly where the base is) to
+the seven projections of every decoder layer; only they get gradients and Adam moments: the quantized
+weights are a separate variable type that no optimizer sees. The run checkpoints, and rerunning the cell
+resumes from its latest checkpoint."""),
         code("""\
 from apriel_jax.train.config import source, train_config
 from apriel_jax.train.loop import train
@@ -114,6 +116,9 @@ cfg.data.update(sources=[source("chats", "jsonl", [DATA_JSONL])], tokenizer=CHEC
                 loss="responses", seq_len=256 if TINY else 4096, global_batch=4 if TINY else 1,
                 patch_budget=64 if TINY else 1024)
 cfg.optimizer.update(peak_lr=3e-3 if TINY else 1e-4, schedule="cosine", weight_decay=0.0)
+if not TINY:  # how the 15B fits one chip, as `apriel-jax aot configs/train/colab_lora_15b.py` measures it
+    cfg.model.update(remat_policy="full", attention_impl="auto", remat_group=4 if QUANT == "int4" else 1)
+    cfg.chunk_size = 512 if QUANT == "int4" else 1024
 cfg.steps = STEPS
 cfg.checkpoint.update(save_every=max(STEPS // 2, 1), keep_last=1)
 cfg.log.update(console=False, tensorboard=False)

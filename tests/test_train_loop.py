@@ -160,3 +160,26 @@ def test_repeated_non_finite_steps_stop_the_run_after_saving(tmp_path):
     assert skipped[-2:] == [1.0, 1.0]
     params = load_params(cfg)  # the run saved before stopping
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+
+
+def test_a_run_from_a_checkpoint_computes_with_its_own_remat_and_attention(tmp_path):
+    """An HF checkpoint's config says no remat and XLA attention; the run config's model block decides how the
+    run computes (what `apriel-jax aot` sized it for), and the weights stay the checkpoint's."""
+    from flax import nnx
+
+    from apriel_jax.checkpoint.hf_export import export_hf
+    from apriel_jax.model import create_model, get_preset
+    from apriel_jax.train.loop import setup
+
+    base = create_model(get_preset("tiny"), seed=5)
+    export_hf(nnx.state(base), base.config.as_configdict(), tmp_path / "hf")
+    cfg = make_cfg(tmp_path / "run", f"--config.init.from_pretrained={tmp_path / 'hf'}",
+                   "--config.model.remat_policy=full", "--config.model.remat_group=2",
+                   "--config.model.attention_impl=xla_blocked")
+    run = setup(cfg)
+    run.ckpt.close()
+    model = nnx.merge(run.graphdef, run.state.params, run.state.frozen)
+    assert (run.model_cfg.remat_policy, run.model_cfg.remat_group, run.model_cfg.attention_impl) == \
+        ("full", 2, "xla_blocked")
+    assert (model.decoder.remat_policy, model.decoder.remat_group) == ("full", 2)
+    np.testing.assert_array_equal(np.asarray(model.decoder.embed[...]), np.asarray(base.decoder.embed[...]))

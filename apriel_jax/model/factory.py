@@ -67,6 +67,23 @@ def model_from_state(cfg, state) -> AprielModel:
     return nnx.merge(nnx.graphdef(abstract_model(cfg)), state)
 
 
+# How a model is computed, not what its weights are: a run's settings apply to any checkpoint it starts from.
+EXECUTION_KEYS = ("remat_policy", "remat_group", "attention_impl")
+
+
+def with_execution(model: AprielModel, settings) -> AprielModel:
+    """``model`` computed as the model config ``settings`` says (remat policy and group, attention kernel),
+    its parameters shared. A checkpoint's config carries the settings it was saved with (an HF one the
+    defaults: no remat, XLA attention), which are not the memory policy the run was sized for."""
+    cfg = model.config.as_configdict()
+    if all(cfg.get(k) == settings.get(k, cfg.get(k)) for k in EXECUTION_KEYS):
+        return model
+    for key in EXECUTION_KEYS:
+        if key in settings:
+            cfg[key] = settings[key]
+    return model_from_state(cfg, nnx.state(model))
+
+
 def adapted_model(model: AprielModel, lora, *, adapters: nnx.State | None = None, seed: int = 0,
                   mesh: Mesh | None = None, rules=DEFAULT_RULES) -> AprielModel:
     """``model`` (a plain base) with LoRA adapters: ``adapters`` (a state of ``lora_a``/``lora_b`` leaves, e.g.

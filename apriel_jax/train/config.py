@@ -77,6 +77,8 @@ def train_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache (apriel_jax.utils.compile_cache): "" = $APRIEL_COMPILE_CACHE or
     # RUN_DIR/compile_cache; "none" = off; else a directory or gs:// URL. A restarted run skips compiling.
     cfg.compile_cache = ""
+    # The model built from init.seed; with init.from_pretrained the checkpoint's model instead, computed with this
+    # block's remat_policy, remat_group and attention_impl (the memory policy `apriel-jax aot` sized the run for).
     cfg.model = get_preset("tiny")
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
     # Cross-slice (DCN) degrees for multi-slice TPU runs; their product is the number of slices.

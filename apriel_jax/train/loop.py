@@ -54,7 +54,7 @@ from apriel_jax import storage
 from apriel_jax.storage.errors import io_failure, quiet_background_failures
 from apriel_jax.data.errors import DataError
 from apriel_jax.model import create_model
-from apriel_jax.model.factory import adapted_model, merged_model
+from apriel_jax.model.factory import adapted_model, merged_model, with_execution
 from apriel_jax.model.lora import enabled as lora_enabled
 from apriel_jax.model.lora import with_lora
 from apriel_jax.model.quant import enabled as quant_enabled
@@ -114,8 +114,8 @@ def optimizer_from_config(cfg):
 
 
 def _model(cfg, mesh):
-    """(model config, model): random from ``init.seed`` or loaded from ``init.from_pretrained``, with fresh
-    LoRA adapters (from ``init.seed``) when ``lora.rank`` > 0. A pretrained model that has adapters of its own
+    """(model config, model): random from ``init.seed`` or loaded from ``init.from_pretrained`` (computed with
+    ``model``'s remat and attention settings), with fresh LoRA adapters (from ``init.seed``) when ``lora.rank`` > 0. A pretrained model that has adapters of its own
     (the final of a LoRA stage) starts merged: the run begins from the function it computes. A resumed run
     loads the pretrained weights too (simple; they are then replaced by the checkpoint's)."""
     if cfg.init.from_pretrained:
@@ -126,6 +126,7 @@ def _model(cfg, mesh):
                       quant_embeddings=cfg.quant.get("embeddings", False)) if quant_enabled(cfg) else {})
         model = merged_model(from_pretrained(cfg.init.from_pretrained, mesh=mesh, **quant,
                                              param_dtype=cfg.init.param_dtype or None, dtype=cfg.init.dtype or None))
+        model = with_execution(model, cfg.model)  # the run's remat and attention, whatever the checkpoint says
         if cfg.lora.rank:
             model = adapted_model(model, cfg.lora, seed=cfg.init.seed, mesh=mesh)
         return model.config.as_configdict(), model
