@@ -115,9 +115,10 @@ def optimizer_from_config(cfg):
 
 def _model(cfg, mesh):
     """(model config, model): random from ``init.seed`` or loaded from ``init.from_pretrained`` (computed with
-    ``model``'s remat and attention settings), with fresh LoRA adapters (from ``init.seed``) when ``lora.rank`` > 0. A pretrained model that has adapters of its own
-    (the final of a LoRA stage) starts merged: the run begins from the function it computes. A resumed run
-    loads the pretrained weights too (simple; they are then replaced by the checkpoint's)."""
+    ``cfg.model``'s remat and attention settings), with fresh LoRA adapters (from ``init.seed``) when
+    ``lora.rank`` > 0. A pretrained model that has adapters of its own (the final of a LoRA stage) starts
+    merged: the run begins from the function it computes. A resumed run loads the pretrained weights too
+    (simple; they are then replaced by the checkpoint's)."""
     if cfg.init.from_pretrained:
         from apriel_jax.checkpoint.pretrained import from_pretrained
 
