@@ -14,11 +14,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from apriel_jax.checkpoint.keymap import TensorMap, detect_layout, expand, key_map
-from apriel_jax.checkpoint.quant_load import quantized_stack, quantized_whole
+from apriel_jax.checkpoint.quant_load import quantized_leaf
 from apriel_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from apriel_jax.model.factory import abstract_model, param_path, state_shardings
-from apriel_jax.model.quant import enabled as quant_enabled, full_precision_path, is_quantized_leaf, is_stacked, \
-    kernel_in_axes, without_quant
+from apriel_jax.model.quant import enabled as quant_enabled, full_precision_path, is_quantized_leaf, without_quant
 from apriel_jax.parallel.rules import DEFAULT_RULES
 
 # Buffers some exporters save that carry no learned weights.
@@ -145,16 +144,12 @@ def _quantized_leaves(source: SafetensorsCheckpoint, cfg, maps, abstract_state, 
         m = maps[full_precision_path(path)]
         (qkernel, kernel_sharding), (qscale, scale_sharding) = leaves[path], leaves[f"{owner}/qscale"]
 
-        def read(name, m=m):
+        def read(i, m=m):  # layer i of a stacked projection; None: a vocabulary table, whole
+            name = m.name if i is None else m.name.format(i=i)
             tensor = np.array(m.to_ours(source.get(name)), dtype=dtype, copy=True)
             source.release(name)
             return tensor
 
-        if is_stacked(path):
-            out[path], out[f"{owner}/qscale"] = quantized_stack(
-                lambda i, m=m, read=read: read(m.name.format(i=i)), qkernel, qscale, kernel_sharding,
-                scale_sharding, mode=cfg.quant.mode, in_axes=kernel_in_axes(path), group_size=cfg.quant.group_size)
-        else:  # a vocabulary table (quant.embeddings): read whole
-            out[path], out[f"{owner}/qscale"] = quantized_whole(read(m.name), path, cfg.quant, kernel_sharding,
-                                                                scale_sharding)
+        out[path], out[f"{owner}/qscale"] = quantized_leaf(read, path, qkernel, qscale, kernel_sharding,
+                                                           scale_sharding, cfg.quant)
     return out

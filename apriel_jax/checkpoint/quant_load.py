@@ -47,7 +47,7 @@ def _put_layer(values, scales, w, i, *, mode, in_axes, group_size, kernel_shardi
     return values, jax.lax.with_sharding_constraint(scales.at[i].set(s.astype(scales.dtype)), scale_sharding)
 
 
-def quantized_stack(read_layer: Callable[[int], np.ndarray], qkernel: jax.ShapeDtypeStruct,
+def _quantized_stack(read_layer: Callable[[int], np.ndarray], qkernel: jax.ShapeDtypeStruct,
                     qscale: jax.ShapeDtypeStruct, kernel_sharding, scale_sharding, *, mode: str, in_axes: int,
                     group_size: int) -> tuple[jax.Array, jax.Array]:
     """(values, scales) of a stacked projection whose layer ``i`` (full precision, our layout) is
@@ -65,13 +65,24 @@ def quantized_stack(read_layer: Callable[[int], np.ndarray], qkernel: jax.ShapeD
     return values, scales
 
 
-def quantized_whole(host: np.ndarray, quantized_path: str, quant, kernel_sharding,
+def _quantized_whole(host: np.ndarray, quantized_path: str, quant, kernel_sharding,
                     scale_sharding) -> tuple[jax.Array, jax.Array]:
     """(values, scales) of an unstacked weight (a vocabulary table, full precision, our layout) ``host``,
     placed like its quantized values and quantized on the devices."""
     w = jax.make_array_from_callback(host.shape, kernel_sharding, lambda index: host[index])
     fn = jax.jit(quantizer(quantized_path, quant), out_shardings=(kernel_sharding, scale_sharding))
     return jax.block_until_ready(fn(w))
+
+
+def quantized_leaf(read: Callable[[int | None], np.ndarray], quantized_path: str, qkernel: jax.ShapeDtypeStruct,
+                   qscale: jax.ShapeDtypeStruct, kernel_sharding, scale_sharding, quant) -> tuple[jax.Array, jax.Array]:
+    """(values, scales) of the quantized weight at ``quantized_path`` (a ``.../qkernel``), read in our layout
+    at full precision by ``read``: a stacked projection layer by layer (``read(i)``), a vocabulary table
+    (``quant.embeddings``) whole (``read(None)``). Both checkpoint loaders call this."""
+    if is_stacked(quantized_path):
+        return _quantized_stack(read, qkernel, qscale, kernel_sharding, scale_sharding, mode=quant.mode,
+                               in_axes=kernel_in_axes(quantized_path), group_size=quant.group_size)
+    return _quantized_whole(read(None), quantized_path, quant, kernel_sharding, scale_sharding)
 
 
 def _nested(flat: dict[str, object]) -> dict:
@@ -109,13 +120,9 @@ def load_orbax_quantized(path, cfg, *, mesh=None, rules=None) -> nnx.State:
         (qkernel, kernel_sharding), (qscale, scale_sharding) = flat[qpath], flat[f"{owner}/qscale"]
         stored = jax.ShapeDtypeStruct(full_shapes[source], jnp.dtype(cfg.param_dtype), sharding=host)
         whole = np.asarray(_flat(orbax_io.restore_pure(path, _nested({source: stored})))[source])
-        if is_stacked(qpath):
-            values[qpath], values[f"{owner}/qscale"] = quantized_stack(
-                lambda i, whole=whole: whole[i], qkernel, qscale, kernel_sharding, scale_sharding,
-                mode=cfg.quant.mode, in_axes=kernel_in_axes(qpath), group_size=cfg.quant.group_size)
-        else:
-            values[qpath], values[f"{owner}/qscale"] = quantized_whole(whole, qpath, cfg.quant, kernel_sharding,
-                                                                       scale_sharding)
+        values[qpath], values[f"{owner}/qscale"] = quantized_leaf(
+            lambda i, whole=whole: whole if i is None else whole[i], qpath, qkernel, qscale, kernel_sharding,
+            scale_sharding, cfg.quant)
         del whole
     return jax.tree_util.tree_map_with_path(lambda p, _: values[param_path(p)], abstract_state)
 

@@ -58,7 +58,7 @@ from apriel_jax.model.factory import adapted_model, merged_model, with_execution
 from apriel_jax.model.lora import enabled as lora_enabled
 from apriel_jax.model.lora import with_lora
 from apriel_jax.model.quant import enabled as quant_enabled
-from apriel_jax.model.quant import with_quant
+from apriel_jax.model.quant import embeddings_enabled, with_quant
 from apriel_jax.parallel import distributed
 from apriel_jax.parallel.mesh import make_mesh
 from apriel_jax.train.task_eval import TaskEval
@@ -97,7 +97,7 @@ def _check_batch(cfg, mesh) -> None:
 def run_model_config(cfg):
     """The model config a run trains: ``cfg.model`` with the run's quantized base and LoRA adapters (when
     ``quant.mode`` / ``lora.rank`` ask for them)."""
-    model_cfg = (with_quant(cfg.model, cfg.quant.mode, cfg.quant.group_size, cfg.quant.get("embeddings", False))
+    model_cfg = (with_quant(cfg.model, cfg.quant.mode, cfg.quant.group_size, embeddings_enabled(cfg))
                  if quant_enabled(cfg) else cfg.model)
     return with_lora(model_cfg, cfg.lora) if cfg.lora.rank else model_cfg
 
@@ -124,7 +124,7 @@ def _model(cfg, mesh):
 
         # A quantized base is quantized as it is read (model/quant.py).
         quant = (dict(quant=cfg.quant.mode, group_size=cfg.quant.group_size,
-                      quant_embeddings=cfg.quant.get("embeddings", False)) if quant_enabled(cfg) else {})
+                      quant_embeddings=embeddings_enabled(cfg)) if quant_enabled(cfg) else {})
         model = merged_model(from_pretrained(cfg.init.from_pretrained, mesh=mesh, **quant,
                                              param_dtype=cfg.init.param_dtype or None, dtype=cfg.init.dtype or None))
         model = with_execution(model, cfg.model)  # the run's remat and attention, whatever the checkpoint says
