@@ -1,4 +1,4 @@
-"""Self-checks for the tiny HF reference helpers in ``tests/hf_reference.py``."""
+"""Self-checks for the tiny HF reference helpers in ``tests/hf_reference.py`` and ``tests/mistral_reference.py``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 import hf_reference as ref
+import mistral_reference as mref
 
 VARIANTS = sorted(ref.TINY_VARIANTS)
 # Row 0: one image; row 1: two images (one of a single patch); row 2: text only.
@@ -312,7 +313,7 @@ def _expected_mistral_keys(cfg) -> set[str]:
 def test_mistral_consolidated(variant, tmp_path):
     model = _model(variant)
     cfg = model.config
-    out = ref.write_mistral_consolidated(model, tmp_path / "mistral")
+    out = mref.write_mistral_consolidated(model, tmp_path / "mistral")
     assert sorted(os.listdir(out)) == ["consolidated.safetensors", "params.json"]
     with safe_open(os.path.join(out, "consolidated.safetensors"), "pt") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
@@ -402,7 +403,7 @@ def test_mistral_interleaved_rope_equals_hf_rotate_half(tower):
     (rotate-half) applied to HF's ``q_proj``/``k_proj``.
     """
     model = _model("gelu_vision")  # text: GQA 4:1, head_dim 32 != hidden / heads
-    sd = ref.mistral_consolidated_state_dict(model)
+    sd = mref.mistral_consolidated_state_dict(model)
     gen = torch.Generator().manual_seed(0)
     if tower == "text":
         cfg = model.config.text_config

@@ -17,6 +17,7 @@ import torch
 
 import apriel_jax
 import hf_reference as ref
+import mistral_reference as mref
 from apriel_jax.checkpoint import pretrained
 from apriel_jax.data import from_hf_inputs
 from apriel_jax.model.generate import SamplingConfig, generate
@@ -129,7 +130,7 @@ def test_new_transformers_key_layout_imports_the_same(reference, tmp_path):
 
 def test_mistral_consolidated_import_equals_hf_import(reference, tmp_path):
     name, hf_model, path = reference
-    ref.write_mistral_consolidated(hf_model, tmp_path / "mistral")
+    mref.write_mistral_consolidated(hf_model, tmp_path / "mistral")
     inputs = ref.make_inputs(BATCHES["two_rows_three_images"], vocab_size=hf_model.config.text_config.vocab_size)
     from_hf, _ = our_logits(apriel_jax.from_pretrained(path), inputs)
     from_mistral, _ = our_logits(apriel_jax.from_pretrained(tmp_path / "mistral"), inputs)

@@ -17,6 +17,7 @@ import pytest
 
 import apriel_jax
 import hf_reference as ref
+import mistral_reference as mref
 from apriel_jax import storage
 from apriel_jax.checkpoint import orbax_io, pretrained
 from apriel_jax.checkpoint.hf_config import ConfigError
@@ -114,7 +115,7 @@ def test_from_pretrained_gcs_hf_and_orbax_match_the_local_load(hf_local, gcs_roo
 
 
 def test_mistral_consolidated_on_gcs_loads_and_converts(hf_model, gcs_root, tmp_path):
-    local = Path(ref.write_mistral_consolidated(hf_model, tmp_path / "mistral"))
+    local = Path(mref.write_mistral_consolidated(hf_model, tmp_path / "mistral"))
     src = upload(local, f"{gcs_root}/mistral")
     assert pretrained.detect_format(src) == "mistral"
     np.testing.assert_array_equal(logits(apriel_jax.from_pretrained(src)), logits(apriel_jax.from_pretrained(local)))
