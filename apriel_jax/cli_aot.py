@@ -87,9 +87,7 @@ def compile_case(model_cfg, tcfg, topology: str, num_slices: int, hlo_path: str 
     if generate:
         return _generate_case(model_cfg, tcfg, topology, generate, hlo_path)
     from apriel_jax.train.aot import compile_train_step
-    from apriel_jax.train.loop import optimizer_from_config
-    from apriel_jax.model.lora import enabled as lora_enabled
-    from apriel_jax.train.optimizer import trainable_for_step
+    from apriel_jax.train.loop import optimizer_from_config, run_trainable
 
     degrees = {k: int(v) for k, v in tcfg.mesh.items()}
     dcn = {k: int(v) for k, v in tcfg.mesh_dcn.items()}
@@ -97,7 +95,7 @@ def compile_case(model_cfg, tcfg, topology: str, num_slices: int, hlo_path: str 
     report, model_flops = compile_train_step(
         model_cfg, optimizer_from_config(tcfg), topology, degrees, batch=tcfg.data.global_batch, seq=tcfg.data.seq_len,
         patches=tcfg.data.patch_budget,
-        trainable=trainable_for_step(tcfg.trainable, tcfg.data.patch_budget, adapters=lora_enabled(model_cfg)),
+        trainable=run_trainable(tcfg, model_cfg),
         grad_accum_steps=tcfg.grad_accum_steps, chunk_size=tcfg.chunk_size,
         lm_head_grad_dtype=tcfg.lm_head_grad_dtype or None, num_slices=slices, dcn_degrees=dcn if slices > 1 else None)
     return _row(report, model_cfg, topology, slices=slices, batch=tcfg.data.global_batch, seq=tcfg.data.seq_len,

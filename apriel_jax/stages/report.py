@@ -81,8 +81,8 @@ def stage_model_configs(cfg) -> dict[str, ml_collections.ConfigDict | None]:
 
 def plan_text(cfg) -> str:
     """The plan: one row per stage (inits, frozen groups with parameter counts, data, budget) + totals."""
-    from apriel_jax.model.lora import enabled as lora_enabled
-    from apriel_jax.train.optimizer import trainable_for_step, trainable_param_counts
+    from apriel_jax.train.loop import run_trainable
+    from apriel_jax.train.optimizer import trainable_param_counts
 
     validate_pipeline(cfg)
     models = stage_model_configs(cfg)
@@ -98,7 +98,7 @@ def plan_text(cfg) -> str:
         t = s.train
         if model is not None:
             trainable, frozen = trainable_param_counts(
-                model, trainable_for_step(t.trainable, t.data.patch_budget, adapters=lora_enabled(model)))
+                model, run_trainable(t, model))
         else:
             trainable = frozen = None
         steps = stage_steps(s)

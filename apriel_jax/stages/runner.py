@@ -277,9 +277,8 @@ class Runner:
         save_model(state, new_cfg, out, overwrite=True, extra_files=_run_tokenizer_files(tcfg))
 
     def _train(self, name: str) -> dict:
-        from apriel_jax.model.lora import enabled as lora_enabled
-        from apriel_jax.train.loop import train
-        from apriel_jax.train.optimizer import trainable_for_step, trainable_param_counts
+        from apriel_jax.train.loop import run_trainable, train
+        from apriel_jax.train.optimizer import trainable_param_counts
         from apriel_jax.train.task_eval import task_summary
 
         s, paths = self.cfg.stages[name], stage_paths(self.cfg, name)
@@ -304,8 +303,7 @@ class Runner:
         entries = _read_metrics(paths.run)
         loss = _first_last(entries, "train", "loss")
         eval_loss = _first_last(entries, "eval", "loss")
-        trainable, frozen = trainable_param_counts(model_cfg, trainable_for_step(
-            tcfg.trainable, tcfg.data.patch_budget, adapters=lora_enabled(model_cfg)))
+        trainable, frozen = trainable_param_counts(model_cfg, run_trainable(tcfg, model_cfg))
         return dict(stage=name, kind="train", init=init_dir or "random", steps=int(result["step"]),
                     tokens=int(result["step"]) * tcfg.data.global_batch * tcfg.data.seq_len,
                     trainable_params=trainable, frozen_params=frozen, loss_start=loss[0], loss_end=loss[1],

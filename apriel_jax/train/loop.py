@@ -102,6 +102,13 @@ def run_model_config(cfg):
     return with_lora(model_cfg, cfg.lora) if cfg.lora.rank else model_cfg
 
 
+def run_trainable(cfg, model_cfg) -> tuple[str, ...]:
+    """The trainable patterns a run's step trains on a model with config ``model_cfg``
+    (``train/optimizer.trainable_for_step``: image-only parts frozen in a text-only run, only the adapters
+    when the model has LoRA adapters)."""
+    return trainable_for_step(cfg.trainable, cfg.data.patch_budget, adapters=lora_enabled(model_cfg))
+
+
 def optimizer_from_config(cfg):
     """The optimizer and learning-rate schedule a run config asks for."""
     o = cfg.optimizer
@@ -154,7 +161,7 @@ def setup(cfg):
     # same files (a listing of a bucket changing between processes would split the data otherwise).
     distributed.check_same_config(cfg)
     model_cfg, model = _model(cfg, mesh)
-    trainable = trainable_for_step(cfg.trainable, cfg.data.patch_budget, adapters=lora_enabled(model_cfg))
+    trainable = run_trainable(cfg, model_cfg)
     optimizer = optimizer_from_config(cfg)
     graphdef, state = init_train_state(model, optimizer, mesh=mesh, trainable=trainable)
     del model
