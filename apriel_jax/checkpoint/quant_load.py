@@ -48,8 +48,8 @@ def _put_layer(values, scales, w, i, *, mode, in_axes, group_size, kernel_shardi
 
 
 def _quantized_stack(read_layer: Callable[[int], np.ndarray], qkernel: jax.ShapeDtypeStruct,
-                    qscale: jax.ShapeDtypeStruct, kernel_sharding, scale_sharding, *, mode: str, in_axes: int,
-                    group_size: int) -> tuple[jax.Array, jax.Array]:
+                     qscale: jax.ShapeDtypeStruct, kernel_sharding, scale_sharding, *, mode: str, in_axes: int,
+                     group_size: int) -> tuple[jax.Array, jax.Array]:
     """(values, scales) of a stacked projection whose layer ``i`` (full precision, our layout) is
     ``read_layer(i)``, sharded like the abstract ``qkernel`` / ``qscale`` say."""
     values = jnp.zeros(qkernel.shape, qkernel.dtype, device=kernel_sharding)
@@ -66,7 +66,7 @@ def _quantized_stack(read_layer: Callable[[int], np.ndarray], qkernel: jax.Shape
 
 
 def _quantized_whole(host: np.ndarray, quantized_path: str, quant, kernel_sharding,
-                    scale_sharding) -> tuple[jax.Array, jax.Array]:
+                     scale_sharding) -> tuple[jax.Array, jax.Array]:
     """(values, scales) of an unstacked weight (a vocabulary table, full precision, our layout) ``host``,
     placed like its quantized values and quantized on the devices."""
     w = jax.make_array_from_callback(host.shape, kernel_sharding, lambda index: host[index])
@@ -81,7 +81,7 @@ def quantized_leaf(read: Callable[[int | None], np.ndarray], quantized_path: str
     (``quant.embeddings``) whole (``read(None)``). Both checkpoint loaders call this."""
     if is_stacked(quantized_path):
         return _quantized_stack(read, qkernel, qscale, kernel_sharding, scale_sharding, mode=quant.mode,
-                               in_axes=kernel_in_axes(quantized_path), group_size=quant.group_size)
+                                in_axes=kernel_in_axes(quantized_path), group_size=quant.group_size)
     return _quantized_whole(read(None), quantized_path, quant, kernel_sharding, scale_sharding)
 
 

@@ -97,8 +97,7 @@ def plan_text(cfg) -> str:
             continue
         t = s.train
         if model is not None:
-            trainable, frozen = trainable_param_counts(
-                model, run_trainable(t, model))
+            trainable, frozen = trainable_param_counts(model, run_trainable(t, model))
         else:
             trainable = frozen = None
         steps = stage_steps(s)
