@@ -35,7 +35,7 @@ import ml_collections
 from apriel_jax.model import get_preset
 from apriel_jax.model.lora import lora_config, settings_problems
 from apriel_jax.model.quant import DECODER_PROJECTIONS, EMBEDDING_TABLES, QUANTIZED_LEAVES, quant_config
-from apriel_jax.model.quant import enabled as quant_enabled
+from apriel_jax.model.quant import embeddings_enabled as quant_embeddings_enabled, enabled as quant_enabled
 from apriel_jax.model.quant import settings_problems as quant_settings_problems
 
 SOURCE_KINDS = ("jsonl", "array_record", "parquet", "bytes_text", "tfds", "synthetic", "synthetic_text",
@@ -224,7 +224,7 @@ def _quant_problems(cfg) -> list[str]:
     from apriel_jax.train.optimizer import quantized_trained, trainable_for_step
 
     owners = [f"decoder/layers/{a}/{b}" for a, b in DECODER_PROJECTIONS.values()]
-    if quant.get("embeddings", False):
+    if quant_embeddings_enabled(cfg):
         owners += list(EMBEDDING_TABLES)
     names = [f"{owner}/{leaf}" for owner in owners for leaf in QUANTIZED_LEAVES]
     trained = quantized_trained(names, trainable_for_step(cfg.trainable, cfg.data.patch_budget))
